@@ -1,0 +1,131 @@
+"""What a gradient rule may ask about the forward graph: shapes, dtypes, constants.
+
+Rules read the forward graph through a RuleContext and emit through its builder; they never
+touch protobufs of the model itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import UnsupportedOpError
+from .builder import GraphBuilder, Shape
+
+RELU_MODES = ("standard", "guided")
+
+
+class TensorInfo:
+    """Static shapes, element types and prepare-time constants of a graph's tensors."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.shapes: dict[str, Shape] = {}
+        self.dtypes: dict[str, int] = {}
+        self.constants: dict[str, np.ndarray] = {}
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            self._add(vi)
+        for init in graph.initializer:
+            arr = numpy_helper.to_array(init)
+            self.constants[init.name] = arr
+            self.shapes[init.name] = tuple(int(d) for d in arr.shape)
+            self.dtypes[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for a in node.attribute:
+                    if a.name == "value":
+                        arr = numpy_helper.to_array(a.t)
+                    elif a.name in ("value_float", "value_int"):
+                        arr = np.array(helper.get_attribute_value(a))
+                    elif a.name in ("value_floats", "value_ints"):
+                        arr = np.array(helper.get_attribute_value(a))
+                    else:
+                        continue
+                    self.constants[node.output[0]] = arr
+
+    def _add(self, vi: onnx.ValueInfoProto) -> None:
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            return
+        self.dtypes[vi.name] = t.elem_type
+        if t.HasField("shape"):
+            dims: list[int | str | None] = []
+            for d in t.shape.dim:
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    dims.append(int(d.dim_value))
+                elif d.HasField("dim_param") and d.dim_param:
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            self.shapes[vi.name] = tuple(dims)
+
+    def shape(self, name: str) -> Shape | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        s = self.shapes.get(name)
+        if s is None or not all(isinstance(d, int) for d in s):
+            return None
+        return tuple(int(d) for d in s)  # type: ignore[arg-type]
+
+    def dtype(self, name: str) -> int:
+        return self.dtypes.get(name, TensorProto.FLOAT)
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name == "":
+            return None
+        return self.constants.get(name)
+
+
+@dataclass
+class RuleContext:
+    """Everything a gradient rule needs: the builder, the forward graph's facts, the options."""
+
+    b: GraphBuilder
+    info: TensorInfo
+    relu_mode: str = "standard"
+    opset: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.opset = self.b.opset
+
+    def attrs(self, node: onnx.NodeProto) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def unsupported(self, node: onnx.NodeProto, detail: str = "") -> UnsupportedOpError:
+        return UnsupportedOpError(node.op_type, node.name or node.output[0], self.opset, detail)
+
+    def np_dtype(self, name: str) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.info.dtype(name)))
+
+    def scalar_like(self, name: str, value: float) -> str:
+        """A scalar constant of the same element type as tensor `name`."""
+        return self.b.const(np.array(value, dtype=self.np_dtype(name)), "scalar")
+
+    def const_like(self, name: str, value: np.ndarray, hint: str = "const") -> str:
+        return self.b.const(np.asarray(value, dtype=self.np_dtype(name)), hint)
+
+    def zeros_like(self, name: str) -> str:
+        return self.b.zeros_like(name, self.info.dtype(name))
+
+    def static_shape(self, name: str, node: onnx.NodeProto) -> tuple[int, ...]:
+        """A shape known at prepare time, or an error naming the node."""
+        s = self.info.static_shape(name)
+        if s is None:
+            raise self.unsupported(node, f"input {name!r} of unknown static shape {self.info.shape(name)}")
+        return s
+
+    def const_input(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        if index >= len(node.input) or node.input[index] == "":
+            return None
+        value = self.info.const(node.input[index])
+        if value is None:
+            raise self.unsupported(node, f"input {index} ({node.input[index]!r}) that is not a constant")
+        return value

@@ -1,0 +1,1 @@
+"""Gradient rules, one small function per op type, grouped by family."""

@@ -1,0 +1,148 @@
+"""Gradients of Gemm, MatMul and Conv; constant weights are transposed at prepare time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from ..context import RuleContext
+from ._common import spatial_pads, unbroadcast
+
+Grads = list[str | None]
+
+
+def _swap_last(ctx: RuleContext, name: str) -> str:
+    rank = ctx.info.rank(name)
+    if rank is None:
+        raise ValueError(name)
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return ctx.b.transpose(name, perm)
+
+
+def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = alpha A' B' + beta C, A' = A^T if transA, B' = B^T if transB:
+    dA' = alpha dY B'^T,  dB' = alpha A'^T dY,  dC = unbroadcast(beta dY)."""
+    dy = dys[0]
+    assert dy is not None
+    a = ctx.attrs(node)
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+    A, B = node.input[0], node.input[1]
+    b = ctx.b
+    out: Grads = [None] * len(node.input)
+    if wrt[0]:
+        bv = ctx.info.const(B)
+        if bv is not None:  # fold alpha * B'^T into one constant: dA' = dY @ W
+            w = (bv.T if tb else bv).T * alpha
+            da = b.op("MatMul", [dy, ctx.const_like(B, w, "gemm_weight_t")])
+        else:
+            da = b.op("MatMul", [dy, B if tb else b.transpose(B, [1, 0])])
+            if alpha != 1.0:
+                da = b.op("Mul", [da, ctx.scalar_like(dy, alpha)])
+        out[0] = b.transpose(da, [1, 0]) if ta else da
+    if wrt[1]:
+        at = A if ta else b.transpose(A, [1, 0])
+        db = b.op("MatMul", [at, dy])
+        if alpha != 1.0:
+            db = b.op("Mul", [db, ctx.scalar_like(dy, alpha)])
+        out[1] = b.transpose(db, [1, 0]) if tb else db
+    if len(node.input) > 2 and wrt[2]:
+        dc = dy if beta == 1.0 else b.op("Mul", [dy, ctx.scalar_like(dy, beta)])
+        out[2] = unbroadcast(ctx, dc, node.input[2], node.output[0])
+    return out
+
+
+def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = A @ B (numpy semantics):  dA = unbroadcast(dY @ B^T),  dB = unbroadcast(A^T @ dY)."""
+    dy = dys[0]
+    assert dy is not None
+    A, B, y = node.input[0], node.input[1], node.output[0]
+    ra, rb = ctx.info.rank(A), ctx.info.rank(B)
+    if ra is None or rb is None or ra < 2 or rb < 2:
+        raise ctx.unsupported(node, f"operands of rank {ra} and {rb} (rank >= 2 needed)")
+    b = ctx.b
+    da = db = None
+    if wrt[0]:
+        bv = ctx.info.const(B)
+        bt = ctx.const_like(B, np.swapaxes(bv, -1, -2), "matmul_weight_t") if bv is not None else _swap_last(ctx, B)
+        da = unbroadcast(ctx, b.op("MatMul", [dy, bt]), A, y)
+    if wrt[1]:
+        av = ctx.info.const(A)
+        at = ctx.const_like(A, np.swapaxes(av, -1, -2), "matmul_weight_t") if av is not None else _swap_last(ctx, A)
+        db = unbroadcast(ctx, b.op("MatMul", [at, dy]), B, y)
+    return [da, db]
+
+
+def conv_pads(
+    in_dims: Sequence[int],
+    out_dims: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    begin: Sequence[int],
+) -> tuple[list[int], list[int]]:
+    """End pads and output_padding for a transposed conv that maps out_dims back onto in_dims.
+
+    A ConvTranspose of size o produces s (o - 1) + (k - 1) d + 1 - pb - pe + op elements; we
+    choose pe (crop) or op (extend) so that this equals the forward input size exactly.
+    """
+    ends, extra = [], []
+    for i, o, k, s, d, pb in zip(in_dims, out_dims, kernel, strides, dilations, begin, strict=True):
+        full = s * (o - 1) + (k - 1) * d + 1
+        diff = full - pb - i
+        ends.append(max(diff, 0))
+        extra.append(max(-diff, 0))
+    return ends, extra
+
+
+def same_pads(auto_pad: str, in_dims: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> list[int]:
+    """Begin pads that auto_pad SAME_UPPER / SAME_LOWER imply (VALID: none)."""
+    begins = []
+    for i, k, s, d in zip(in_dims, kernel, strides, dilations, strict=True):
+        if auto_pad == "VALID":
+            begins.append(0)
+            continue
+        o = -(-i // s)
+        total = max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+        begins.append(total // 2 if auto_pad == "SAME_UPPER" else total - total // 2)
+    return begins
+
+
+def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = conv(X, W) + b:  dX = conv_transpose(dY, W) with the same groups, strides and dilations,
+    explicit pads, and output_padding chosen to give back X's spatial size."""
+    dy = dys[0]
+    assert dy is not None
+    if len(wrt) > 1 and wrt[1] or len(wrt) > 2 and wrt[2]:
+        raise ctx.unsupported(node, "weights or bias that depend on the feature tensor")
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
+    wv = ctx.info.const(w)
+    wshape = tuple(wv.shape) if wv is not None else ctx.static_shape(w, node)
+    n = len(xs) - 2
+    a = ctx.attrs(node)
+    kernel = list(a.get("kernel_shape", wshape[2:]))
+    strides = list(a.get("strides", [1] * n))
+    dilations = list(a.get("dilations", [1] * n))
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        begin = same_pads(auto_pad, xs[2:], kernel, strides, dilations)
+    else:
+        begin, _ = spatial_pads(a.get("pads"), n)
+    ends, extra = conv_pads(xs[2:], ys[2:], kernel, strides, dilations, begin)
+    dx = ctx.b.op(
+        "ConvTranspose",
+        [dy, w],
+        group=int(a.get("group", 1)),
+        kernel_shape=kernel,
+        strides=strides,
+        dilations=dilations,
+        pads=list(begin) + ends,
+        output_padding=extra if any(extra) else None,
+    )
+    return [dx] + [None] * (len(node.input) - 1)

@@ -1,0 +1,80 @@
+"""Gradient of Resize: per resized axis, the transposed interpolation matrix.
+
+Resize is separable and linear in X for the modes 'nearest' and 'linear' (and 'cubic'), so
+Y = X ×_axis M_axis for each resized axis, and dX = dY ×_axis M_axis^T. M is computed at
+prepare time by resizing the identity with onnx's reference implementation of the same node,
+which makes every coordinate_transformation_mode and nearest_mode exact by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from ..context import RuleContext
+from ._common import contract_axis
+
+Grads = list[str | None]
+
+
+def _axis_matrix(node: onnx.NodeProto, opset: int, n_in: int, n_out: int, scale: float | None,
+                 roi: tuple[float, float] | None) -> np.ndarray:
+    """M [n_out, n_in] such that resizing a vector v along this axis gives M @ v."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs.pop("axes", None)
+    attrs.pop("keep_aspect_ratio_policy", None)
+    inputs = ["x", "roi", "scales" if scale is not None else "", "sizes" if scale is None else ""]
+    one = helper.make_node("Resize", inputs, ["y"], **attrs)
+    inits = [helper.make_tensor("roi", TensorProto.FLOAT, [4], [0.0, roi[0], 1.0, roi[1]] if roi else [0, 0, 1, 1])]
+    if scale is not None:
+        inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [2], [1.0, scale]))
+    else:
+        inits.append(helper.make_tensor("sizes", TensorProto.INT64, [2], [n_in, n_out]))
+    graph = helper.make_graph(
+        [one], "resize_matrix",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n_in, n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    (y,) = ReferenceEvaluator(model).run(None, {"x": np.eye(n_in, dtype=np.float32)})
+    return np.asarray(y, np.float64).T  # row j of eye resized = column j of M
+
+
+def resize(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X ×_a M_a over resized axes a:  dX = dY ×_a M_a^T (M folded at prepare time)."""
+    dy = dys[0]
+    assert dy is not None
+    a = ctx.attrs(node)
+    mode = a.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in ("nearest", "linear", "cubic"):
+        raise ctx.unsupported(node, f"mode={mode!r}")
+    if int(a.get("antialias", 0)):
+        raise ctx.unsupported(node, "antialias=1")
+    x, y = node.input[0], node.output[0]
+    xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
+    rank = len(xs)
+    scales = ctx.const_input(node, 2) if len(node.input) > 2 else None
+    if node.op_type == "Upsample" or ctx.opset < 11:
+        scales = ctx.const_input(node, 1)
+    if scales is not None and scales.size == 0:
+        scales = None
+    roi = ctx.const_input(node, 1) if ctx.opset >= 11 and len(node.input) > 1 and node.input[1] else None
+    if roi is not None and roi.size == 0:
+        roi = None
+    axes_attr = a.get("axes")
+    axes = [int(v) % rank for v in axes_attr] if axes_attr else list(range(rank))
+    g = dy
+    for j, ax in enumerate(axes):
+        if xs[ax] == ys[ax] and (scales is None or float(scales[j]) == 1.0):
+            continue
+        scale = float(scales[j]) if scales is not None else None
+        r = (float(roi[j]), float(roi[len(axes) + j])) if roi is not None else None
+        m = _axis_matrix(node, ctx.opset, xs[ax], ys[ax], scale, r)
+        g = contract_axis(ctx, g, m, ax, rank, x)
+    return [g] + [None] * (len(node.input) - 1)

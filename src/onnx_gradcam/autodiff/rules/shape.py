@@ -1,0 +1,199 @@
+"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from ..context import RuleContext
+from ._common import contract_axis, norm_axis
+
+Grads = list[str | None]
+
+
+def reshape_back(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Flatten, Reshape, Squeeze, Unsqueeze:  dX = reshape(dY, shape(X))."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    static = ctx.info.static_shape(x)
+    target = ctx.b.const(np.array(static, np.int64), "shape") if static else ctx.b.shape_of(x)
+    return [ctx.b.op("Reshape", [dy, target])] + [None] * (len(node.input) - 1)
+
+
+def transpose(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = transpose(X, perm):  dX = transpose(dY, inverse(perm))."""
+    dy = dys[0]
+    assert dy is not None
+    rank = ctx.info.rank(node.input[0])
+    perm = ctx.attrs(node).get("perm")
+    if perm is None:
+        if rank is None:
+            raise ctx.unsupported(node, "a default perm on an input of unknown rank")
+        perm = list(reversed(range(rank)))
+    return [ctx.b.transpose(dy, list(np.argsort(perm)))]
+
+
+def _axis_sizes(ctx: RuleContext, names: Sequence[str], axis: int) -> str:
+    """The sizes of `names` along axis, as a 1-D int64 tensor (constant where static)."""
+    dims = []
+    for n in names:
+        s = ctx.info.shape(n)
+        dims.append(s[axis] if s is not None and isinstance(s[axis], int) else None)
+    if all(d is not None for d in dims):
+        return ctx.b.const(np.array(dims, np.int64), "split")
+    parts = [ctx.b.shape_of(n, axis, axis + 1) for n in names]
+    return ctx.b.op("Concat", parts, axis=0)
+
+
+def concat(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = concat(X_1..X_n, axis):  dX_i = the i-th piece of split(dY, sizes of X_i, axis)."""
+    dy = dys[0]
+    assert dy is not None
+    rank = ctx.info.rank(node.output[0])
+    if rank is None:
+        raise ctx.unsupported(node, "an output of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node)["axis"]), rank)
+    pieces = ctx.b.op("Split", [dy, _axis_sizes(ctx, node.input, axis)], axis=axis, outputs=len(node.input))
+    if len(node.input) == 1:
+        pieces = [pieces]
+    return [p if w else None for p, w in zip(pieces, wrt)]
+
+
+def split(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y_1..Y_n = split(X, axis):  dX = concat(dY_i, or zeros shaped like Y_i, axis)."""
+    rank = ctx.info.rank(node.input[0])
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    parts = [dy if dy is not None else ctx.zeros_like(y) for dy, y in zip(dys, node.output)]
+    return [ctx.b.op("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
+
+
+def _slice_params(ctx: RuleContext, node: onnx.NodeProto, rank: int) -> list[tuple[int, int, int, int]]:
+    """(axis, start, stop, step) per sliced axis, normalised like Python's slice.indices."""
+    a = ctx.attrs(node)
+    if "starts" in a:  # opset < 10
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes = list(a.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts = [int(v) for v in ctx.const_input(node, 1)]  # type: ignore[union-attr]
+        ends = [int(v) for v in ctx.const_input(node, 2)]  # type: ignore[union-attr]
+        av = ctx.const_input(node, 3)
+        axes = [int(v) for v in av] if av is not None else list(range(len(starts)))
+        sv = ctx.const_input(node, 4)
+        steps = [int(v) for v in sv] if sv is not None else [1] * len(starts)
+    x = node.input[0]
+    shape = ctx.static_shape(x, node) if any(s != 1 for s in steps) else ctx.info.shape(x)
+    out = []
+    for ax, st, en, sp in zip(axes, starts, ends, steps):
+        ax = norm_axis(ax, rank)
+        dim = shape[ax] if shape is not None else None
+        if not isinstance(dim, int):
+            raise ctx.unsupported(node, f"slicing axis {ax} of unknown size")
+        lo, hi, step = slice(st, en, sp).indices(dim)
+        out.append((ax, lo, hi, step))
+    return out
+
+
+def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X[start:stop:step] on some axes:  dX = dY scattered back into zeros shaped like X
+    (a Pad for unit steps; an index scatter otherwise)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    shape = ctx.info.shape(x)
+    assert shape is not None
+    g = dy
+    b = ctx.b
+    for ax, lo, hi, step in _slice_params(ctx, node, rank):
+        dim = shape[ax]
+        assert isinstance(dim, int)
+        picked = list(range(lo, hi, step))
+        if step == 1:
+            pads = [0] * (2 * rank)
+            pads[ax] = lo
+            pads[rank + ax] = dim - (lo + len(picked))
+            g = b.op("Pad", [g, b.const(np.array(pads, np.int64), "pads")])
+        else:
+            g = _scatter_axis(ctx, g, picked, dim, ax, rank, x)
+    return [g] + [None] * (len(node.input) - 1)
+
+
+def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axis: int, rank: int, like: str) -> str:
+    """Undo a gather of `picked` positions along `axis`: g contracted with one-hot(picked, dim)."""
+    onehot = np.zeros([len(picked), dim])
+    for row, col in enumerate(picked):
+        onehot[row, col] += 1.0
+    return contract_axis(ctx, g, onehot, axis, rank, like)
+
+
+def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = take(X, idx, axis), idx constant:  dX = dY contracted with one-hot(idx) along axis
+    (repeated indices add up)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    rank = ctx.info.rank(x)
+    idx = ctx.const_input(node, 1)
+    if rank is None or idx is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    shape = ctx.info.shape(x)
+    dim = shape[axis] if shape is not None else None
+    if not isinstance(dim, int):
+        raise ctx.unsupported(node, f"gathering along axis {axis} of unknown size")
+    flat = [int(i) + dim if int(i) < 0 else int(i) for i in np.atleast_1d(idx).reshape(-1)]
+    b = ctx.b
+    g = dy
+    # collapse the index dims of dY into one axis at `axis`
+    if idx.ndim == 0:
+        g = b.unsqueeze(g, [axis])
+    elif idx.ndim > 1:
+        yshape = ctx.info.shape(node.output[0])
+        if yshape is None:
+            raise ctx.unsupported(node, "an output of unknown shape")
+        dims = [0 if not isinstance(d, int) else d for d in yshape]
+        new = dims[:axis] + [len(flat)] + dims[axis + idx.ndim:]
+        g = b.op("Reshape", [g, b.const(np.array(new, np.int64), "shape")])
+    return [_scatter_axis(ctx, g, flat, dim, axis, rank, x), None]
+
+
+def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = pad(X, pads) in constant mode:  dX = dY with the padding cut off again
+    (negative pads, which crop, are padded back with zeros)."""
+    dy = dys[0]
+    assert dy is not None
+    a = ctx.attrs(node)
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise ctx.unsupported(node, f"mode={mode!r}")
+    x = node.input[0]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    pads = list(a["pads"]) if "pads" in a else [int(v) for v in ctx.const_input(node, 1)]  # type: ignore[union-attr]
+    axes_v = ctx.const_input(node, 3) if len(node.input) > 3 else None
+    axes = [norm_axis(int(v), rank) for v in axes_v] if axes_v is not None else list(range(rank))
+    k = len(axes)
+    full = [0] * (2 * rank)
+    for j, ax in enumerate(axes):
+        full[ax], full[rank + ax] = pads[j], pads[k + j]
+    b = ctx.b
+    starts = [max(p, 0) for p in full[:rank]]
+    ends = [-max(p, 0) if p > 0 else np.iinfo(np.int64).max for p in full[rank:]]
+    g = b.op(
+        "Slice",
+        [dy, b.const(np.array(starts, np.int64), "starts"), b.const(np.array(ends, np.int64), "ends")],
+    )
+    back = [max(-p, 0) for p in full]
+    if any(back):
+        g = b.op("Pad", [g, b.const(np.array(back, np.int64), "pads")])
+    return [g] + [None] * (len(node.input) - 1)

@@ -1,0 +1,48 @@
+"""The package's one error hierarchy.
+
+Every message says what went wrong, where (node, op, opset, file) and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class OnnxGradCamError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnsupportedOpError(OnnxGradCamError):
+    """An op between the feature tensor and the score has no gradient rule (or attribute)."""
+
+    def __init__(self, op_type: str, node_name: str, opset: int, detail: str = "") -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        self.opset = opset
+        self.detail = detail
+        self.alternatives: list[str] = []
+        super().__init__(self._message())
+
+    def with_alternatives(self, names: list[str]) -> UnsupportedOpError:
+        self.alternatives = list(names)
+        self.args = (self._message(),)
+        return self
+
+    def _message(self) -> str:
+        what = f"no gradient rule for op {self.op_type!r} (node {self.node_name!r}, opset {self.opset})"
+        if self.detail:
+            what = f"gradient rule for op {self.op_type!r} (node {self.node_name!r}, opset {self.opset}) cannot handle {self.detail}"
+        if self.alternatives:
+            shown = ", ".join(repr(n) for n in self.alternatives[:5])
+            return f"{what}; to fix this, choose a feature layer nearer the output with --feature-layer, e.g. {shown}"
+        return f"{what}; to fix this, choose a feature layer nearer the output with --feature-layer"
+
+
+class LayerNotFoundError(OnnxGradCamError):
+    """A named tensor or node does not exist, or cannot serve as feature/reduction tensor."""
+
+
+class BadInputError(OnnxGradCamError):
+    """A file, image, array or option given by the caller cannot be used."""
+
+
+class ProviderUnavailableError(OnnxGradCamError):
+    """An execution provider (CUDA, ...) was asked for but cannot be loaded."""

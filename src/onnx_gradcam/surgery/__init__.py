@@ -1,0 +1,1 @@
+"""ONNX -> ONNX: loading, choosing layers, appending the gradient and CAM subgraphs, saving."""
