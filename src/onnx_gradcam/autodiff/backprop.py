@@ -6,7 +6,7 @@ of one tensor are summed. Nodes that only compute shapes or indices carry no gra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 
@@ -36,10 +36,12 @@ def backward_reachable(nodes: Sequence[onnx.NodeProto], targets: Iterable[str]) 
     return reached
 
 
-def path_nodes(nodes: Sequence[onnx.NodeProto], source: str, target: str) -> tuple[list[onnx.NodeProto], set[str]]:
-    """The nodes on differentiable paths source -> target, and the tensors on those paths."""
+def path_nodes(
+    nodes: Sequence[onnx.NodeProto], source: str, targets: Iterable[str]
+) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes on differentiable paths source -> targets, and the tensors on those paths."""
     fwd = forward_reachable(nodes, [source])
-    bwd = backward_reachable(nodes, [target])
+    bwd = backward_reachable(nodes, targets)
     on_path = fwd & bwd
     chosen = [n for n in nodes if any(o in on_path for o in n.output) and any(i in on_path for i in n.input)]
     return chosen, on_path
@@ -49,17 +51,21 @@ def backprop(
     ctx: RuleContext,
     nodes: Sequence[onnx.NodeProto],
     source: str,
-    target: str,
-    seed: str,
+    seeds: Mapping[str, str],
 ) -> str:
-    """Emit nodes computing d<seed . target>/d<source>; returns the gradient's tensor name."""
-    chosen, on_path = path_nodes(nodes, source, target)
-    if source not in on_path or target not in on_path:
+    """Emit nodes computing d(Σ_t <seed_t, t>)/d(source) for targets t; returns the gradient's name.
+
+    `seeds` maps each target tensor to the tensor holding dL/dtarget (for Grad-CAM: the
+    one-hot of the explained class at the logits).
+    """
+    chosen, on_path = path_nodes(nodes, source, seeds)
+    missing = [t for t in seeds if t not in on_path]
+    if source not in on_path or missing:
         raise OnnxGradCamError(
-            f"the score tensor {target!r} does not depend differentiably on the feature tensor "
-            f"{source!r}: to fix this, choose a feature layer that lies before the score"
+            f"the score tensor {(missing or list(seeds))[0]!r} does not depend differentiably on the feature "
+            f"tensor {source!r}: to fix this, choose a feature layer that lies before the score"
         )
-    grads: dict[str, list[str]] = {target: [seed]}
+    grads: dict[str, list[str]] = {t: [s] for t, s in seeds.items()}
     for node in reversed(chosen):
         dys = [_total(ctx, grads.get(o)) if o else None for o in node.output]
         if all(d is None for d in dys):

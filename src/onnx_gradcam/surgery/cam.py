@@ -82,7 +82,7 @@ def append_gradcam(
     """Emit the whole Grad-CAM computation; returns the names of its internal results."""
     b, info = ctx.b, ctx.info
     seed, target, score = class_seed(b, info, reduction, class_input)
-    grad = backprop(ctx, nodes, feature, reduction, seed)
+    grad = backprop(ctx, nodes, feature, {reduction: seed})
     rank = info.rank(feature)
     assert rank is not None
     feat_axes = list(range(2, rank))

@@ -19,7 +19,7 @@ Grads = list[str | None]
 
 def _where_positive(ctx: RuleContext, x: str, dy: str, other: str | None = None) -> str:
     zero = ctx.scalar_like(x, 0.0)
-    return ctx.b.op("Where", [ctx.b.op("Greater", [x, zero]), dy, other or ctx.scalar_like(dy, 0.0)])
+    return ctx.b.op("Where", [ctx.b.op("Greater", [x, zero]), dy, other or zero])
 
 
 def relu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
@@ -65,7 +65,7 @@ def clip(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         lo = ctx.scalar_like(x, float(a["min"]))
     if hi is None and "max" in a:
         hi = ctx.scalar_like(x, float(a["max"]))
-    zero = ctx.scalar_like(dy, 0.0)
+    zero = ctx.scalar_like(x, 0.0)
     out = dy
     if lo is not None:
         out = ctx.b.op("Where", [ctx.b.op("Greater", [x, lo]), out, zero])
@@ -99,8 +99,8 @@ def _hard_window(ctx: RuleContext, x: str, dy: str, alpha: float, beta: float, s
         "And",
         [ctx.b.op("Greater", [x, ctx.scalar_like(x, lo)]), ctx.b.op("Less", [x, ctx.scalar_like(x, hi)])],
     )
-    scaled = ctx.b.op("Mul", [dy, ctx.scalar_like(dy, scale)]) if scale != 1.0 else dy
-    return ctx.b.op("Where", [inside, scaled, ctx.scalar_like(dy, 0.0)])
+    scaled = ctx.b.op("Mul", [dy, ctx.scalar_like(x, scale)]) if scale != 1.0 else dy
+    return ctx.b.op("Where", [inside, scaled, ctx.scalar_like(x, 0.0)])
 
 
 def hard_swish(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:

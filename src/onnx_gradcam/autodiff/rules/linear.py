@@ -41,16 +41,16 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         else:
             da = b.op("MatMul", [dy, B if tb else b.transpose(B, [1, 0])])
             if alpha != 1.0:
-                da = b.op("Mul", [da, ctx.scalar_like(dy, alpha)])
+                da = b.op("Mul", [da, ctx.scalar_like(node.output[0], alpha)])
         out[0] = b.transpose(da, [1, 0]) if ta else da
     if wrt[1]:
         at = A if ta else b.transpose(A, [1, 0])
         db = b.op("MatMul", [at, dy])
         if alpha != 1.0:
-            db = b.op("Mul", [db, ctx.scalar_like(dy, alpha)])
+            db = b.op("Mul", [db, ctx.scalar_like(node.output[0], alpha)])
         out[1] = b.transpose(db, [1, 0]) if tb else db
     if len(node.input) > 2 and wrt[2]:
-        dc = dy if beta == 1.0 else b.op("Mul", [dy, ctx.scalar_like(dy, beta)])
+        dc = dy if beta == 1.0 else b.op("Mul", [dy, ctx.scalar_like(node.output[0], beta)])
         out[2] = unbroadcast(ctx, dc, node.input[2], node.output[0])
     return out
 

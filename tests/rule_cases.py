@@ -1,0 +1,225 @@
+"""The finite-difference cases of every gradient rule, keyed by op type.
+
+Each case is one node (plus constant inputs); the test harness differentiates it with the
+engine and compares with central differences of the same node run in onnxruntime.
+float64 where onnxruntime implements the op in double, else float32 (looser tolerance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+F64 = np.float64
+F32 = np.float32
+
+
+@dataclass
+class Case:
+    id: str
+    inputs: list[tuple[str, Any, bool]]  # (name, value, is_constant); value None = absent input
+    attrs: dict[str, Any] = field(default_factory=dict)
+    wrt: tuple[str, ...] = ("x",)
+    opset: int = 17
+    outputs: int = 1
+    dtype: Any = F64
+
+
+def rnd(*shape: int, seed: int = 0, lo: float = -1.0, hi: float = 1.0, away: float = 0.0) -> np.ndarray:
+    """Uniform values; `away` keeps them at least that far from 0 (kinks of Relu-like ops)."""
+    r = np.random.RandomState(seed + 7 * len(shape) + sum(shape))
+    v = r.uniform(lo, hi, size=shape)
+    if away:
+        v = np.where(np.abs(v) < away, np.sign(v + 1e-12) * (away + np.abs(v)), v)
+    return v
+
+
+def distinct(*shape: int, seed: int = 0) -> np.ndarray:
+    """A permutation of well separated values (no ties for max pooling)."""
+    n = int(np.prod(shape))
+    r = np.random.RandomState(seed)
+    return (r.permutation(n).astype(np.float64) / n - 0.5).reshape(shape) * 4
+
+
+def i64(*v: int) -> np.ndarray:
+    return np.array(v, np.int64)
+
+
+def x_(v: np.ndarray, name: str = "x") -> tuple[str, Any, bool]:
+    return (name, v, False)
+
+
+def c_(name: str, v: Any) -> tuple[str, Any, bool]:
+    return (name, v, True)
+
+
+NONE = ("", None, True)
+
+CASES: dict[str, list[Case]] = {
+    "Add": [
+        Case("same_shape", [x_(rnd(2, 3, 4)), x_(rnd(2, 3, 4, seed=1), "b")], wrt=("x", "b")),
+        Case("broadcast", [x_(rnd(2, 3, 4)), x_(rnd(3, 1, seed=1), "b")], wrt=("x", "b")),
+        Case("broadcast_lead", [x_(rnd(1, 4)), x_(rnd(2, 3, 4, seed=1), "b")], wrt=("x", "b")),
+    ],
+    "Sub": [Case("broadcast", [x_(rnd(2, 3, 4)), x_(rnd(1, 3, 1, seed=1), "b")], wrt=("x", "b"))],
+    "Mul": [
+        Case("squeeze_excite", [x_(rnd(2, 3, 4, 4)), x_(rnd(2, 3, 1, 1, seed=1), "b")], wrt=("x", "b")),
+        Case("constant", [x_(rnd(2, 3)), c_("b", rnd(3, seed=2))]),
+    ],
+    "Div": [
+        Case("broadcast", [x_(rnd(2, 3, 4)), x_(rnd(3, 1, seed=1, lo=0.5, hi=2.0), "b")], wrt=("x", "b")),
+    ],
+    "Neg": [Case("plain", [x_(rnd(2, 5))])],
+    "Sum": [Case("three", [x_(rnd(2, 3)), x_(rnd(3, seed=1), "b"), x_(rnd(2, 1, seed=2), "c")], wrt=("x", "b", "c"))],
+    "Identity": [Case("plain", [x_(rnd(2, 3))])],
+    "Dropout": [Case("inference", [x_(rnd(2, 3))], opset=13)],
+    "Cast": [Case("to_double", [x_(rnd(2, 3).astype(F32))], attrs={"to": 11}, dtype=F32)],
+    "Pow": [
+        Case("cube", [x_(rnd(2, 3)), c_("p", np.array(3.0))]),
+        Case("sqrt_like", [x_(rnd(2, 3, lo=0.5, hi=2.0)), c_("p", np.array(0.5))]),
+    ],
+    "Sqrt": [Case("plain", [x_(rnd(2, 3, lo=0.5, hi=2.0))])],
+    "Exp": [Case("plain", [x_(rnd(2, 3))])],
+    "Log": [Case("plain", [x_(rnd(2, 3, lo=0.5, hi=2.0))])],
+    "Reciprocal": [Case("plain", [x_(rnd(2, 3, lo=0.5, hi=2.0))])],
+    "Relu": [Case("plain", [x_(rnd(2, 3, 4, away=0.05))])],
+    "LeakyRelu": [Case("alpha", [x_(rnd(2, 3, 4, away=0.05))], attrs={"alpha": 0.2}, dtype=F32)],
+    "PRelu": [
+        Case("channel_slope", [x_(rnd(2, 3, 4, 4, away=0.05)), x_(rnd(3, 1, 1, seed=3), "s")], wrt=("x", "s"), dtype=F32)
+    ],
+    "Clip": [
+        Case("relu6", [x_(rnd(2, 3, 4, lo=-2, hi=8, away=0.05)), c_("lo", np.array(0.0)), c_("hi", np.array(6.0))]),
+        Case("min_only", [x_(rnd(2, 3, 4, away=0.05)), c_("lo", np.array(0.0)), NONE]),
+    ],
+    "Sigmoid": [Case("plain", [x_(rnd(2, 3, lo=-3, hi=3))])],
+    "HardSigmoid": [
+        Case("default", [x_(rnd(2, 3, 4, lo=-4, hi=4, away=0.05))], dtype=F32),
+        Case("torch_form", [x_(rnd(2, 3, 4, lo=-4, hi=4, away=0.05))], attrs={"alpha": 1 / 6, "beta": 0.5}, dtype=F32),
+    ],
+    "HardSwish": [Case("plain", [x_(rnd(2, 3, 4, lo=-5, hi=5, away=0.05))], opset=14, dtype=F32)],
+    "Tanh": [Case("plain", [x_(rnd(2, 3, lo=-2, hi=2))])],
+    "Erf": [Case("plain", [x_(rnd(2, 3, lo=-2, hi=2))], dtype=F32)],
+    "Gelu": [
+        Case("exact", [x_(rnd(2, 3, lo=-3, hi=3))], opset=20, dtype=F32),
+        Case("tanh", [x_(rnd(2, 3, lo=-3, hi=3))], attrs={"approximate": "tanh"}, opset=20, dtype=F32),
+    ],
+    "Softmax": [
+        Case("last_axis", [x_(rnd(2, 5))]),
+        Case("axis1_rank3", [x_(rnd(2, 3, 4))], attrs={"axis": 1}),
+    ],
+    "LogSoftmax": [Case("last_axis", [x_(rnd(2, 5))]), Case("axis_neg2", [x_(rnd(2, 3, 4))], attrs={"axis": -2})],
+    "Gemm": [
+        Case("transB_const", [x_(rnd(2, 4)), c_("w", rnd(3, 4, seed=1)), c_("c", rnd(3, seed=2))], attrs={"transB": 1}),
+        Case(
+            "transA_alpha_beta",
+            [x_(rnd(4, 2)), x_(rnd(4, 3, seed=1), "w"), x_(rnd(1, 3, seed=2), "c")],
+            attrs={"transA": 1, "alpha": 0.7, "beta": 1.3},
+            wrt=("x", "w", "c"),
+        ),
+        Case("transB_variable", [x_(rnd(2, 4)), x_(rnd(3, 4, seed=1), "w")], attrs={"transB": 1, "alpha": 2.0}, wrt=("x", "w")),
+    ],
+    "MatMul": [
+        Case("const_weight", [x_(rnd(2, 4)), c_("w", rnd(4, 3, seed=1))]),
+        Case("batched_broadcast", [x_(rnd(2, 3, 4)), x_(rnd(4, 5, seed=1), "w")], wrt=("x", "w")),
+        Case("rank4", [x_(rnd(2, 2, 3, 4)), x_(rnd(2, 1, 4, 2, seed=1), "w")], wrt=("x", "w")),
+    ],
+    "Conv": [
+        Case("stride2_pads", [x_(rnd(2, 3, 7, 6)), c_("w", rnd(4, 3, 3, 3, seed=1)), c_("b", rnd(4, seed=2))],
+             attrs={"strides": [2, 2], "pads": [1, 0, 0, 1]}, dtype=F32),
+        Case("dilation_groups", [x_(rnd(1, 4, 8, 8)), c_("w", rnd(6, 2, 3, 3, seed=1))],
+             attrs={"dilations": [2, 1], "group": 2, "pads": [2, 1, 2, 1]}, dtype=F32),
+        Case("depthwise_stride", [x_(rnd(1, 3, 9, 9)), c_("w", rnd(3, 1, 3, 3, seed=1))],
+             attrs={"group": 3, "strides": [2, 2], "pads": [1, 1, 1, 1]}, dtype=F32),
+        Case("same_upper", [x_(rnd(1, 2, 7, 7)), c_("w", rnd(3, 2, 4, 4, seed=1))],
+             attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]}, dtype=F32),
+        Case("same_lower", [x_(rnd(1, 2, 6, 6)), c_("w", rnd(3, 2, 2, 2, seed=1))],
+             attrs={"auto_pad": "SAME_LOWER"}, dtype=F32),
+        Case("valid_stride3", [x_(rnd(1, 2, 8, 8)), c_("w", rnd(2, 2, 2, 2, seed=1))],
+             attrs={"auto_pad": "VALID", "strides": [3, 3]}, dtype=F32),
+        Case("conv1d", [x_(rnd(2, 3, 11)), c_("w", rnd(4, 3, 3, seed=1))], attrs={"strides": [2], "pads": [1, 1]}, dtype=F32),
+        Case("conv3d", [x_(rnd(1, 2, 4, 5, 5)), c_("w", rnd(2, 2, 2, 3, 3, seed=1))], attrs={"pads": [0, 1, 1, 1, 1, 1]}, dtype=F32),
+    ],
+    "BatchNormalization": [
+        Case("rank4", [x_(rnd(2, 3, 4, 4)), c_("s", rnd(3, seed=1)), c_("b", rnd(3, seed=2)),
+                       c_("m", rnd(3, seed=3)), c_("v", rnd(3, seed=4, lo=0.5, hi=2.0))], attrs={"epsilon": 1e-3}),
+        Case("rank2", [x_(rnd(4, 3)), c_("s", rnd(3, seed=1)), c_("b", rnd(3, seed=2)),
+                       c_("m", rnd(3, seed=3)), c_("v", rnd(3, seed=4, lo=0.5, hi=2.0))]),
+    ],
+    "LayerNormalization": [
+        Case("last_axis", [x_(rnd(2, 3, 5)), x_(rnd(5, seed=1), "s"), x_(rnd(5, seed=2), "b")], wrt=("x", "s", "b")),
+        Case("axis1", [x_(rnd(2, 3, 2, 2)), c_("s", rnd(3, 2, 2, seed=1)), c_("b", rnd(3, 2, 2, seed=2))],
+             attrs={"axis": 1, "epsilon": 1e-3}),
+    ],
+    "GlobalAveragePool": [Case("rank4", [x_(rnd(2, 3, 4, 5))], dtype=F32), Case("rank3", [x_(rnd(2, 3, 6))], dtype=F32)],
+    "GlobalMaxPool": [Case("rank4", [x_(distinct(2, 3, 4, 5))], dtype=F32)],
+    "AveragePool": [
+        Case("k3s2p1_exclude_pad", [x_(rnd(2, 2, 7, 7))], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, dtype=F32),
+        Case("k3s2p1_include_pad", [x_(rnd(2, 2, 7, 7))],
+             attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1}, dtype=F32),
+        Case("ceil_mode", [x_(rnd(1, 2, 6, 6))], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, dtype=F32),
+        Case("ceil_mode_include_pad", [x_(rnd(1, 2, 6, 6))],
+             attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1, "count_include_pad": 1}, dtype=F32),
+        Case("same_upper", [x_(rnd(1, 2, 5, 5))], attrs={"kernel_shape": [2, 2], "auto_pad": "SAME_UPPER"}, dtype=F32),
+        Case("pool1d", [x_(rnd(2, 3, 9))], attrs={"kernel_shape": [3], "strides": [2]}, dtype=F32),
+    ],
+    "MaxPool": [
+        Case("k3s2p1_overlap", [x_(distinct(2, 2, 7, 7))], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        Case("k2s2_opset13", [x_(distinct(2, 2, 6, 6))], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, opset=13),
+        Case("ceil_mode", [x_(distinct(1, 2, 7, 7))], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+        Case("dilated", [x_(distinct(1, 2, 7, 7))], attrs={"kernel_shape": [2, 2], "dilations": [2, 2]}),
+        Case("pool1d", [x_(distinct(2, 3, 9))], attrs={"kernel_shape": [3], "strides": [2]}),
+    ],
+    "ReduceMean": [
+        Case("axes_attr_keepdims", [x_(rnd(2, 3, 4))], attrs={"axes": [1, -1]}),
+        Case("axes_attr_dropdims", [x_(rnd(2, 3, 4))], attrs={"axes": [2], "keepdims": 0}),
+        Case("axes_input_opset18", [x_(rnd(2, 3, 4)), c_("axes", i64(-2))], attrs={"keepdims": 0}, opset=18),
+        Case("all_axes", [x_(rnd(2, 3))], attrs={"keepdims": 0}),
+    ],
+    "ReduceSum": [
+        Case("axes_input", [x_(rnd(2, 3, 4)), c_("axes", i64(0, 2))], attrs={"keepdims": 0}, opset=13),
+        Case("keepdims", [x_(rnd(2, 3, 4)), c_("axes", i64(-1))], opset=13),
+        Case("all_axes", [x_(rnd(2, 3)), NONE], opset=13),
+    ],
+    "Flatten": [Case("axis1", [x_(rnd(2, 3, 2, 2))]), Case("axis2", [x_(rnd(2, 3, 2, 2))], attrs={"axis": 2})],
+    "Reshape": [Case("to_2d", [x_(rnd(2, 3, 4)), c_("shape", i64(0, -1))])],
+    "Squeeze": [Case("axes", [x_(rnd(2, 1, 3, 1)), c_("axes", i64(1, -1))])],
+    "Unsqueeze": [Case("axes", [x_(rnd(2, 3)), c_("axes", i64(0, -1))])],
+    "Transpose": [Case("perm", [x_(rnd(2, 3, 4))], attrs={"perm": [2, 0, 1]}), Case("default_perm", [x_(rnd(2, 3, 4))])],
+    "Concat": [
+        Case("axis1", [x_(rnd(2, 3, 2)), x_(rnd(2, 1, 2, seed=1), "b"), c_("c", rnd(2, 2, 2, seed=2))], attrs={"axis": 1}, wrt=("x", "b")),
+        Case("negative_axis", [x_(rnd(2, 3)), x_(rnd(2, 2, seed=1), "b")], attrs={"axis": -1}, wrt=("x", "b")),
+    ],
+    "Split": [
+        Case("sizes_input", [x_(rnd(2, 5, 3)), c_("split", i64(2, 3))], attrs={"axis": 1}, outputs=2),
+        Case("num_outputs_opset18", [x_(rnd(4, 3))], attrs={"axis": 0, "num_outputs": 2}, outputs=2, opset=18),
+    ],
+    "Slice": [
+        Case("unit_steps", [x_(rnd(3, 5, 4)), c_("starts", i64(1, 0)), c_("ends", i64(3, -1)), c_("axes", i64(0, 2))]),
+        Case("step2_negative_axis", [x_(rnd(2, 7)), c_("starts", i64(1)), c_("ends", i64(7)), c_("axes", i64(-1)), c_("steps", i64(2))]),
+        Case("negative_step", [x_(rnd(2, 5)), c_("starts", i64(-1)), c_("ends", i64(-6)), c_("axes", i64(1)), c_("steps", i64(-2))]),
+    ],
+    "Gather": [
+        Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),
+        Case("repeated_indices", [x_(rnd(2, 4)), c_("i", i64(0, 3, 3, -4))], attrs={"axis": 1}),
+        Case("index_matrix", [x_(rnd(5, 2)), c_("i", np.array([[0, 1], [4, 4]], np.int64))], attrs={"axis": 0}),
+    ],
+    "Pad": [
+        Case("constant", [x_(rnd(2, 3, 4)), c_("pads", i64(0, 1, 2, 0, 0, 1))], dtype=F32),
+        Case("negative_crop", [x_(rnd(2, 5)), c_("pads", i64(0, -1, 1, 2))], dtype=F32),
+        Case("axes_opset18", [x_(rnd(2, 3, 4)), c_("pads", i64(1, 2)), NONE, c_("axes", i64(-1))], opset=18, dtype=F32),
+    ],
+    "Resize": [
+        Case("linear_half_pixel_x2", [x_(rnd(1, 2, 3, 4)), NONE, c_("scales", np.array([1, 1, 2, 2], F32))],
+             attrs={"mode": "linear"}, dtype=F32),
+        Case("linear_align_corners_sizes", [x_(rnd(1, 1, 3, 4)), NONE, NONE, c_("sizes", i64(1, 1, 5, 7))],
+             attrs={"mode": "linear", "coordinate_transformation_mode": "align_corners"}, dtype=F32),
+        Case("linear_pytorch_half_pixel_down", [x_(rnd(1, 1, 6, 6)), NONE, c_("scales", np.array([1, 1, 0.5, 0.5], F32))],
+             attrs={"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, dtype=F32),
+        Case("nearest_asymmetric_floor", [x_(rnd(1, 2, 3, 3)), NONE, c_("scales", np.array([1, 1, 2, 3], F32))],
+             attrs={"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, dtype=F32),
+        Case("nearest_half_pixel_ceil", [x_(rnd(1, 1, 4, 4)), NONE, NONE, c_("sizes", i64(1, 1, 7, 5))],
+             attrs={"mode": "nearest", "nearest_mode": "round_prefer_ceil"}, dtype=F32),
+    ],
+}
