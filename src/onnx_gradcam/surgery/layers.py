@@ -49,16 +49,28 @@ def image_input(graph: onnx.GraphProto, info: TensorInfo) -> str:
     )
 
 
-def default_reduction(graph: onnx.GraphProto) -> str:
-    """The first output, stepping back through Identity and over a final (Log)Softmax."""
+_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+
+
+def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
+    """The first output; if a (Log)Softmax produced it (possibly behind reshapes, as opset
+    converters leave them), that op's input: the score before softmax."""
     producers = {o: n for n in graph.node for o in n.output}
-    name = graph.output[0].name
-    while name in producers and producers[name].op_type == "Identity":
+    first = graph.output[0].name
+    name = first
+    while name in producers and producers[name].op_type in _PASS_THROUGH:
         name = producers[name].input[0]
     node = producers.get(name)
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.input[0]
-    return name
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return first
+    logits = node.input[0]
+    # step back over reshapes that keep [batch, classes]
+    while logits in producers and producers[logits].op_type in _PASS_THROUGH:
+        before = producers[logits].input[0]
+        if info.shape(before) is None or len(info.shape(before) or ()) != 2:
+            break
+        logits = before
+    return logits
 
 
 def resolve(graph: onnx.GraphProto, name: str, what: str) -> str:

@@ -17,7 +17,8 @@ from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import RuleContext, TensorInfo
 from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
-from .load import default_opset, infer_shapes, min_ir_version, upgrade_opset
+from .load import default_opset, min_ir_version, upgrade_opset
+from .shapes import infer_all
 
 META_PREFIX = "gradcam."
 
@@ -74,11 +75,11 @@ def prepare_model(
         work = onnx.ModelProto()
         work.CopyFrom(model)
     opset = default_opset(work)
-    inferred = infer_shapes(work)
+    inferred = infer_all(work)
     info = TensorInfo(inferred.graph)
     graph = work.graph
 
-    reduction = layers.resolve(graph, reduction_layer, "reduction layer") if reduction_layer else layers.default_reduction(graph)
+    reduction = layers.resolve(graph, reduction_layer, "reduction layer") if reduction_layer else layers.default_reduction(graph, info)
     rshape = info.shape(reduction)
     if rshape is None or len(rshape) != 2:
         raise LayerNotFoundError(

@@ -1,0 +1,131 @@
+"""Shape inference that survives real exports: onnx's inference plus folding of shape subgraphs.
+
+Exporters such as paddle2onnx compute Reshape targets as Shape -> Cast -> Slice -> Concat,
+which onnx's data propagation does not follow; we fold such 1-D shape values symbolically
+(dims stay symbolic where the model's are) and feed the Reshape results back to onnx.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper, numpy_helper
+
+from .load import infer_shapes
+
+Dim = int | str | None
+
+
+def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without stale value_info, and with invalid dims (<= 0) made symbolic."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    del work.graph.value_info[:]
+    for vi in list(work.graph.input) + list(work.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                d.Clear()
+                d.dim_param = f"{vi.name}_dim{i}"
+            elif not d.HasField("dim_value") and not d.dim_param:
+                d.dim_param = f"{vi.name}_dim{i}"
+    return work
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | None]) -> dict[str, list[Dim]]:
+    """1-D integer values computable from shapes and constants, dims symbolic where unknown."""
+    values: dict[str, list[Dim]] = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind in "iu" and arr.ndim <= 1 and arr.size <= 16:
+            values[init.name] = [int(v) for v in arr.reshape(-1)]
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = [values.get(i) for i in node.input]
+        out: list[Dim] | None = None
+        op = node.op_type
+        if op == "Constant" and "value" in attrs:
+            arr = numpy_helper.to_array(attrs["value"])
+            if arr.dtype.kind in "iu" and arr.ndim <= 1 and arr.size <= 16:
+                out = [int(v) for v in arr.reshape(-1)]
+        elif op == "Shape":
+            s = shapes.get(node.input[0])
+            if s is not None:
+                out = list(s)[attrs.get("start", 0) : attrs.get("end", len(s))]
+        elif op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten") and ins and ins[0] is not None:
+            out = ins[0]
+        elif op == "Concat" and ins and all(v is not None for v in ins):
+            out = [d for v in ins for d in v]  # type: ignore[union-attr]
+        elif op == "Slice" and ins and ins[0] is not None and all(v is not None for v in ins[1:3]):
+            steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
+            if all(isinstance(v, int) for v in [*ins[1], *ins[2], *steps]):  # type: ignore[misc]
+                out = ins[0][slice(ins[1][0], ins[2][0], steps[0])]  # type: ignore[index]
+        elif op == "Gather" and ins and ins[0] is not None and ins[1] is not None:
+            if all(isinstance(v, int) for v in ins[1]):  # type: ignore[union-attr]
+                out = [ins[0][int(i)] for i in ins[1]]  # type: ignore[index, arg-type]
+        if out is not None:
+            values[node.output[0]] = out
+    return values
+
+
+def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int) -> list[Dim]:
+    dims: list[Dim] = []
+    for i, d in enumerate(target):
+        if d == 0 and not allowzero:
+            dims.append(in_dims[i] if in_dims is not None and i < len(in_dims) else None)
+        else:
+            dims.append(d)
+    if -1 in dims:
+        known = [d for d in dims if d != -1]
+        if in_dims is not None and all(isinstance(d, int) for d in in_dims) and all(isinstance(d, int) for d in known):
+            total = 1
+            for d in in_dims:
+                total *= int(d)  # type: ignore[arg-type]
+            rest = 1
+            for d in known:
+                rest *= int(d)  # type: ignore[arg-type]
+            dims[dims.index(-1)] = total // rest if rest else None
+        else:
+            dims[dims.index(-1)] = None
+    return dims
+
+
+def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
+    """Shape-inferred copy of `model`, with Reshape targets folded from shape subgraphs."""
+    work = _sanitised(model)
+    inferred = infer_shapes(work)
+    for _ in range(rounds):
+        graph = inferred.graph
+        shapes = {vi.name: _dims(vi) for vi in [*graph.input, *graph.value_info, *graph.output]}
+        for init in graph.initializer:
+            shapes[init.name] = list(init.dims)
+        values = _fold_shape_values(inferred, shapes)
+        hints: list[onnx.ValueInfoProto] = []
+        for node in graph.node:
+            if node.op_type != "Reshape" or node.input[1] not in values:
+                continue
+            current = shapes.get(node.output[0])
+            target = values[node.input[1]]
+            if current is not None and len(current) == len(target) and all(d is not None for d in current):
+                continue
+            allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+            dims = _reshape_result(shapes.get(node.input[0]), target, allowzero)
+            elem = next((vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input]
+                         if vi.name == node.input[0]), onnx.TensorProto.FLOAT)
+            hints.append(helper.make_tensor_value_info(node.output[0], elem, [d if d is not None else f"{node.output[0]}_d{i}" for i, d in enumerate(dims)]))
+        if not hints:
+            break
+        hinted = {h.name for h in hints}
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(work)
+        fresh.graph.value_info.extend(hints)
+        inferred = infer_shapes(fresh)
+        work_vi = [vi for vi in inferred.graph.value_info if vi.name in hinted]
+        del work.graph.value_info[:]
+        work.graph.value_info.extend(work_vi)
+    return inferred
