@@ -103,7 +103,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
                     if kv.key == "location":
                         kv.value = data_name
             onnx.save(saved, tmp)
-            os.replace(tmp_data, out.parent / data_name)
+            if tmp_data.exists():  # small tensors stay inline; there may be no data file
+                os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save(model, tmp)
         os.replace(tmp, out)
