@@ -25,6 +25,7 @@ class Case:
     opset: int = 17
     outputs: int = 1
     dtype: Any = F64
+    symbolic: tuple[int, ...] = ()  # axes of the inputs declared with symbolic (dynamic) sizes
 
 
 def rnd(*shape: int, seed: int = 0, lo: float = -1.0, hi: float = 1.0, away: float = 0.0) -> np.ndarray:
@@ -139,6 +140,10 @@ CASES: dict[str, list[Case]] = {
         Case("valid_stride3", [x_(rnd(1, 2, 8, 8)), c_("w", rnd(2, 2, 2, 2, seed=1))],
              attrs={"auto_pad": "VALID", "strides": [3, 3]}, dtype=F32),
         Case("conv1d", [x_(rnd(2, 3, 11)), c_("w", rnd(4, 3, 3, seed=1))], attrs={"strides": [2], "pads": [1, 1]}, dtype=F32),
+        Case("dynamic_spatial", [x_(rnd(2, 3, 7, 6)), c_("w", rnd(4, 3, 3, 3, seed=1))],
+             attrs={"strides": [2, 2], "pads": [1, 0, 0, 1]}, dtype=F32, symbolic=(0, 2, 3)),
+        Case("dynamic_spatial_dilated", [x_(rnd(1, 2, 9, 8)), c_("w", rnd(2, 1, 3, 3, seed=1))],
+             attrs={"dilations": [2, 2], "group": 2, "strides": [3, 2], "pads": [2, 2, 2, 2]}, dtype=F32, symbolic=(2, 3)),
         Case("conv3d", [x_(rnd(1, 2, 4, 5, 5)), c_("w", rnd(2, 2, 2, 3, 3, seed=1))], attrs={"pads": [0, 1, 1, 1, 1, 1]}, dtype=F32),
     ],
     "BatchNormalization": [

@@ -40,7 +40,8 @@ def _forward_model(op: str, case: Case) -> onnx.ModelProto:
         if const:
             inits.append(numpy_helper.from_array(arr, name))
         else:
-            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape))
+            dims = [f"{name}_d{i}" if i in case.symbolic else d for i, d in enumerate(arr.shape)]
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), dims))
     graph = helper.make_graph([node], "case", inputs, [onnx.ValueInfoProto(name=o) for o in outs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
     model.ir_version = 8

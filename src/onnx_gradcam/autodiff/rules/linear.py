@@ -114,22 +114,34 @@ def same_pads(auto_pad: str, in_dims: Sequence[int], kernel: Sequence[int], stri
 
 def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = conv(X, W) + b:  dX = conv_transpose(dY, W) with the same groups, strides and dilations,
-    explicit pads, and output_padding chosen to give back X's spatial size."""
+    explicit pads, and output_padding chosen to give back X's spatial size (fitted at run time
+    with Slice/Pad when the spatial size is dynamic)."""
     dy = dys[0]
     assert dy is not None
     if len(wrt) > 1 and wrt[1] or len(wrt) > 2 and wrt[2]:
         raise ctx.unsupported(node, "weights or bias that depend on the feature tensor")
     x, w, y = node.input[0], node.input[1], node.output[0]
-    xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
     wv = ctx.info.const(w)
     wshape = tuple(wv.shape) if wv is not None else ctx.static_shape(w, node)
-    n = len(xs) - 2
+    n = rank - 2
     a = ctx.attrs(node)
     kernel = list(a.get("kernel_shape", wshape[2:]))
     strides = list(a.get("strides", [1] * n))
     dilations = list(a.get("dilations", [1] * n))
+    group = int(a.get("group", 1))
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    xs, ys = ctx.info.static_shape(x), ctx.info.static_shape(y)
+    if xs is None or ys is None:
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            raise ctx.unsupported(node, f"auto_pad={auto_pad} on an input of dynamic spatial size")
+        begin = [0] * n if auto_pad == "VALID" else spatial_pads(a.get("pads"), n)[0]
+        full = ctx.b.op("ConvTranspose", [dy, w], group=group, kernel_shape=kernel, strides=strides,
+                        dilations=dilations, pads=list(begin) + [0] * n)
+        return [fit_spatial(ctx, full, x, n)] + [None] * (len(node.input) - 1)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
         begin = same_pads(auto_pad, xs[2:], kernel, strides, dilations)
     else:
@@ -138,7 +150,7 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
     dx = ctx.b.op(
         "ConvTranspose",
         [dy, w],
-        group=int(a.get("group", 1)),
+        group=group,
         kernel_shape=kernel,
         strides=strides,
         dilations=dilations,
@@ -146,3 +158,14 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         output_padding=extra if any(extra) else None,
     )
     return [dx] + [None] * (len(node.input) - 1)
+
+
+def fit_spatial(ctx: RuleContext, t: str, like: str, n: int) -> str:
+    """Crop or zero-extend the trailing end of t's n spatial axes to the sizes of `like`, at run time."""
+    b = ctx.b
+    axes = b.const(np.arange(2, 2 + n, dtype=np.int64), "axes")
+    target = b.shape_of(like, 2)
+    cropped = b.op("Slice", [t, b.const(np.zeros(n, np.int64), "starts"), target, axes])
+    missing = b.op("Max", [b.op("Sub", [target, b.shape_of(cropped, 2)]), b.const(np.zeros(n, np.int64), "zeros")])
+    pads = b.op("Concat", [b.const(np.zeros(n + 4, np.int64), "zeros"), missing], axis=0)
+    return b.op("Pad", [cropped, pads])
