@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BadInputError
@@ -31,10 +32,13 @@ def prepare(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
-    feature_layer: str | None = None,
+    feature_layer: str | Sequence[str] | None = None,
     reduction_layer: str | None = None,
     preprocess: str | Preprocess | None = None,
     expose_gradient: bool = False,
+    methods: Sequence[str] = ("gradcam",),
+    counterfactual: bool = False,
+    guided: bool = False,
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
 
@@ -55,6 +59,9 @@ def prepare(
         preprocess=as_preprocess(preprocess),
         expose_gradient=expose_gradient,
         source_sha256=file_sha256(src),
+        methods=methods,
+        counterfactual=counterfactual,
+        guided=guided,
     )
     save_model_atomic(prepared, out)
     return report

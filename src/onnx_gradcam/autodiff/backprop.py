@@ -7,6 +7,7 @@ of one tensor are summed. Nodes that only compute shapes or indices carry no gra
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import onnx
 
@@ -37,10 +38,10 @@ def backward_reachable(nodes: Sequence[onnx.NodeProto], targets: Iterable[str]) 
 
 
 def path_nodes(
-    nodes: Sequence[onnx.NodeProto], source: str, targets: Iterable[str]
+    nodes: Sequence[onnx.NodeProto], sources: Iterable[str], targets: Iterable[str]
 ) -> tuple[list[onnx.NodeProto], set[str]]:
-    """The nodes on differentiable paths source -> targets, and the tensors on those paths."""
-    fwd = forward_reachable(nodes, [source])
+    """The nodes on differentiable paths sources -> targets, and the tensors on those paths."""
+    fwd = forward_reachable(nodes, sources)
     bwd = backward_reachable(nodes, targets)
     on_path = fwd & bwd
     chosen = [n for n in nodes if any(o in on_path for o in n.output) and any(i in on_path for i in n.input)]
@@ -50,21 +51,24 @@ def path_nodes(
 def backprop(
     ctx: RuleContext,
     nodes: Sequence[onnx.NodeProto],
-    source: str,
+    sources: str | Sequence[str],
     seeds: Mapping[str, str],
-) -> str:
-    """Emit nodes computing d(Σ_t <seed_t, t>)/d(source) for targets t; returns the gradient's name.
+) -> Any:
+    """Emit nodes computing d(Σ_t <seed_t, t>)/d(source) for targets t and each source.
 
     `seeds` maps each target tensor to the tensor holding dL/dtarget (for Grad-CAM: the
-    one-hot of the explained class at the logits).
+    one-hot of the explained class at the logits). One backward pass serves all sources.
+    Returns the gradient's name, or a list of names when `sources` is a list.
     """
-    chosen, on_path = path_nodes(nodes, source, seeds)
-    missing = [t for t in seeds if t not in on_path]
-    if source not in on_path or missing:
-        raise OnnxGradCamError(
-            f"the score tensor {(missing or list(seeds))[0]!r} does not depend differentiably on the feature "
-            f"tensor {source!r}: to fix this, choose a feature layer that lies before the score"
-        )
+    names = [sources] if isinstance(sources, str) else list(sources)
+    chosen, on_path = path_nodes(nodes, names, seeds)
+    for source in names:
+        missing = [t for t in seeds if t not in forward_reachable(nodes, [source])]
+        if missing:
+            raise OnnxGradCamError(
+                f"the score tensor {missing[0]!r} does not depend differentiably on the tensor "
+                f"{source!r}: to fix this, choose a feature layer that lies before the score"
+            )
     grads: dict[str, list[str]] = {t: [s] for t, s in seeds.items()}
     for node in reversed(chosen):
         dys = [_total(ctx, grads.get(o)) if o else None for o in node.output]
@@ -78,10 +82,13 @@ def backprop(
         for name, want, dx in zip(node.input, wrt, dxs, strict=False):
             if want and dx is not None:
                 grads.setdefault(name, []).append(dx)
-    total = _total(ctx, grads.get(source))
-    if total is None:
-        raise OnnxGradCamError(f"no gradient reached the feature tensor {source!r}")
-    return total
+    totals = []
+    for source in names:
+        total = _total(ctx, grads.get(source))
+        if total is None:
+            raise OnnxGradCamError(f"no gradient reached the tensor {source!r}")
+        totals.append(total)
+    return totals[0] if isinstance(sources, str) else totals
 
 
 def _total(ctx: RuleContext, parts: list[str] | None) -> str | None:

@@ -1,20 +1,26 @@
-"""The Grad-CAM subgraph: target class, seed, backward pass, channel weights, map.
+"""The Grad-CAM subgraph: target class, seed, backward pass, channel weights, maps.
 
     α_k = mean_ij ∂y^c/∂A^k_ij,   raw = ReLU(Σ_k α_k A^k),   map = normalise(resize(raw))
-(Selvaraju et al., ICCV 2017 / IJCV 2020), y^c the score before softmax.
+(Selvaraju et al., ICCV 2017 / IJCV 2020), y^c the score before softmax. The same backward
+pass feeds every method, every feature layer and the counterfactual map (whose gradient is
+the negated one); Guided Backprop runs a second backward pass to the input with the guided
+ReLU rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from ..autodiff.backprop import backprop
 from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import RuleContext, TensorInfo
+from ..errors import BadInputError
+from .methods import METHODS
 
 CLASS_INPUT = "gradcam_class"
 MAP = "gradcam_map"
@@ -23,16 +29,38 @@ TARGET = "gradcam_target"
 SCORE = "gradcam_score"
 FEATURES = "gradcam_features"
 GRADIENT = "gradcam_gradient"
+COUNTERFACTUAL = "counterfactual"
+GUIDED_BACKPROP = "gradcam_guided_backprop"
+GUIDED = "gradcam_guided"
 
 
 @dataclass(frozen=True)
+class CamSpec:
+    """What to compute: methods (first = gradcam_map), layers, and the optional extras."""
+
+    features: tuple[str, ...]
+    reduction: str
+    methods: tuple[str, ...] = ("gradcam",)
+    counterfactual: bool = False
+    guided: bool = False
+    expose_gradient: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise BadInputError(f"unknown method {unknown[0]!r}: to fix this, use one of {', '.join(METHODS)}")
+        if not self.methods or not self.features:
+            raise BadInputError("at least one method and one feature layer are needed")
+
+
+@dataclass
 class CamOutputs:
-    map: str
-    raw: str
-    target: str
-    score: str
-    features: str | None = None
-    gradient: str | None = None
+    """Public output name -> (internal tensor, element type, dims) in the order they are added."""
+
+    tensors: dict[str, tuple[str, int, list[object]]] = field(default_factory=dict)
+
+    def add(self, public: str, internal: str, dtype: int, dims: list[object]) -> None:
+        self.tensors[public] = (internal, dtype, dims)
 
 
 def spatial_axes(shape: Sequence[object], layout: str) -> list[int]:
@@ -69,47 +97,87 @@ def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str)
     return seed, target, score
 
 
-def append_gradcam(
+def append_cam(
     ctx: RuleContext,
     nodes: Sequence[onnx.NodeProto],
     image: str,
     layout: str,
-    feature: str,
-    reduction: str,
+    spec: CamSpec,
     class_input: str,
-    expose_gradient: bool = False,
 ) -> CamOutputs:
-    """Emit the whole Grad-CAM computation; returns the names of its internal results."""
+    """Emit the whole computation; returns the public outputs it produces."""
     b, info = ctx.b, ctx.info
-    seed, target, score = class_seed(b, info, reduction, class_input)
-    grad = backprop(ctx, nodes, feature, {reduction: seed})
-    rank = info.rank(feature)
-    assert rank is not None
-    feat_axes = list(range(2, rank))
-    alpha = b.reduce("ReduceMean", grad, feat_axes, keepdims=True)
-    weighted = b.reduce("ReduceSum", b.op("Mul", [alpha, feature]), [1], keepdims=False)
-    raw = b.op("Relu", [weighted], hint="raw")
     image_shape = info.shape(image)
     assert image_shape is not None
-    sizes = b.op(
-        "Concat",
-        [b.shape_of(raw, 0, 1), b.const(np.array([1], np.int64), "one"),
-         b.op("Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64), "axes")],
-              axis=0)],
-        axis=0,
-    )
-    mode = "linear"
-    up = b.op(
-        "Resize",
-        [b.unsqueeze(raw, [1]), "", "", sizes],
-        hint="upsampled",
-        mode=mode,
-        coordinate_transformation_mode="half_pixel",
-    )
-    up = b.squeeze(up, [1])
-    map_ = normalise(b, up, rank - 1)
-    return CamOutputs(map_, raw, target, score, feature if expose_gradient else None,
-                      grad if expose_gradient else None)
+    batch = image_shape[0]
+    spatial = [image_shape[i] for i in spatial_axes(image_shape, layout)]
+    out = CamOutputs()
+    seed, target, score = class_seed(b, info, spec.reduction, class_input)
+    grads = backprop(ctx, nodes, list(spec.features), {spec.reduction: seed})
+    sizes = _map_sizes(b, image, image_shape, layout)
+
+    def maps_for(method: str, negate: bool) -> tuple[str, str, list[str], list[str]]:
+        """(combined map, first layer's raw, per-layer maps, per-layer raws) for one method."""
+        raws, maps = [], []
+        for feature, grad in zip(spec.features, grads):
+            g = b.op("Neg", [grad]) if negate else grad
+            rank = info.rank(feature)
+            assert rank is not None
+            raw = b.op("Relu", [METHODS[method](b, feature, g, list(range(2, rank)))], hint="raw")
+            raws.append(raw)
+            maps.append(normalise(b, upsample(b, raw, sizes), len(spatial) + 1))
+        combined = maps[0] if len(maps) == 1 else normalise(b, b.op("Mean", maps), len(spatial) + 1)
+        return combined, raws[0], maps, raws
+
+    first_raw_dims = [batch, *(info.shape(spec.features[0]) or ())[2:]]
+    map_dims = [batch, *spatial]
+    fl = TensorProto.FLOAT
+    first_map = ""
+    for i, method in enumerate(spec.methods):
+        combined, raw, layer_maps, layer_raws = maps_for(method, negate=False)
+        if i == 0:
+            first_map = combined
+            out.add(MAP, combined, fl, map_dims)
+            out.add(RAW, raw, fl, first_raw_dims)
+            if len(spec.features) > 1:
+                for j, (m, r, f) in enumerate(zip(layer_maps, layer_raws, spec.features)):
+                    out.add(f"{MAP}_layer{j}", m, fl, map_dims)
+                    out.add(f"{RAW}_layer{j}", r, fl, [batch, *(info.shape(f) or ())[2:]])
+        if len(spec.methods) > 1:
+            out.add(f"{MAP}_{method}", combined, fl, map_dims)
+            out.add(f"{RAW}_{method}", raw, fl, first_raw_dims)
+    if spec.counterfactual:
+        combined, raw, _, _ = maps_for(spec.methods[0], negate=True)
+        out.add(f"{MAP}_{COUNTERFACTUAL}", combined, fl, map_dims)
+        out.add(f"{RAW}_{COUNTERFACTUAL}", raw, fl, first_raw_dims)
+    out.add(TARGET, target, TensorProto.INT64, [batch])
+    out.add(SCORE, score, info.dtype(spec.reduction), [batch])
+    if spec.guided:
+        guided_ctx = RuleContext(b, info, relu_mode="guided")
+        gb = backprop(guided_ctx, nodes, image, {spec.reduction: seed})
+        channel_axis = len(image_shape) - 1 if layout == "nhwc" else 1
+        weighted = b.op("Mul", [gb, b.unsqueeze(first_map, [channel_axis])], hint="guided")
+        out.add(GUIDED_BACKPROP, gb, info.dtype(image), list(image_shape))
+        out.add(GUIDED, weighted, info.dtype(image), list(image_shape))
+    if spec.expose_gradient:
+        feat_shape = list(info.shape(spec.features[0]) or ())
+        out.add(FEATURES, spec.features[0], info.dtype(spec.features[0]), feat_shape)
+        out.add(GRADIENT, grads[0], info.dtype(spec.features[0]), feat_shape)
+    return out
+
+
+def _map_sizes(b: GraphBuilder, image: str, image_shape: Sequence[object], layout: str) -> str:
+    """[N, 1, *spatial sizes of the image] as a run-time shape for Resize."""
+    spatial = b.op("Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64),
+                                                           "axes")], axis=0)
+    return b.op("Concat", [b.shape_of(image, 0, 1), b.const(np.array([1], np.int64), "one"), spatial], axis=0)
+
+
+def upsample(b: GraphBuilder, raw: str, sizes: str) -> str:
+    """Bilinear (linear per axis) with half-pixel centres, to the input's spatial size."""
+    up = b.op("Resize", [b.unsqueeze(raw, [1]), "", "", sizes], hint="upsampled", mode="linear",
+              coordinate_transformation_mode="half_pixel")
+    return b.squeeze(up, [1])
 
 
 def normalise(b: GraphBuilder, x: str, rank: int) -> str:
@@ -125,5 +193,3 @@ def normalise(b: GraphBuilder, x: str, rank: int) -> str:
     one = b.const(np.array(1.0, np.float32), "one")
     safe = b.op("Where", [b.op("Greater", [span, zero]), span, one])
     return b.op("Div", [b.op("Sub", [x, lo]), safe], hint="map")
-
-

@@ -6,6 +6,7 @@ One InferenceSession.run of the result returns the original outputs and the Grad
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,17 +59,28 @@ class PrepareReport:
     layout: str
     method: str = "gradcam"
     metadata: dict[str, str] = field(default_factory=dict)
+    feature_tensors: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("gradcam",)
+    outputs: tuple[str, ...] = ()
 
 
 def prepare_model(
     model: onnx.ModelProto,
-    feature_layer: str | None = None,
+    feature_layer: str | Sequence[str] | None = None,
     reduction_layer: str | None = None,
     preprocess: Preprocess | None = None,
     expose_gradient: bool = False,
     source_sha256: str = "",
+    methods: Sequence[str] = ("gradcam",),
+    counterfactual: bool = False,
+    guided: bool = False,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
-    """Return (prepared model, report). The input model is not modified."""
+    """Return (prepared model, report). The input model is not modified.
+
+    `feature_layer` may name several layers (one map each, `gradcam_map` their mean);
+    `methods` lists CAM methods (the first gives `gradcam_map`); `counterfactual` adds the map
+    of the negated gradient; `guided` adds Guided Backprop and Guided Grad-CAM.
+    """
     original_ir = model.ir_version
     work = upgrade_opset(model)
     if work is model:
@@ -79,53 +91,47 @@ def prepare_model(
     info = TensorInfo(inferred.graph)
     graph = work.graph
 
-    reduction = layers.resolve(graph, reduction_layer, "reduction layer") if reduction_layer else layers.default_reduction(graph, info)
+    if reduction_layer:
+        reduction = layers.resolve(graph, reduction_layer, "reduction layer")
+    else:
+        reduction = layers.default_reduction(graph, info)
     rshape = info.shape(reduction)
     if rshape is None or len(rshape) != 2:
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} has shape {rshape}, not [batch, classes]: to fix this, "
             "name the logits with --reduction-layer"
         )
-    feature = layers.resolve(graph, feature_layer, "feature layer") if feature_layer else layers.default_feature(graph, info, reduction)
-    frank = info.rank(feature)
-    if frank is None or frank < 3:
-        raise LayerNotFoundError(
-            f"the feature tensor {feature!r} has shape {info.shape(feature)}: Grad-CAM needs a feature map "
-            "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
-        )
+    if feature_layer is None:
+        features = [layers.default_feature(graph, info, reduction)]
+    else:
+        names = [feature_layer] if isinstance(feature_layer, str) else list(feature_layer)
+        features = [layers.resolve(graph, n, "feature layer") for n in names]
+    for feature in features:
+        frank = info.rank(feature)
+        if frank is None or frank < 3:
+            raise LayerNotFoundError(
+                f"the feature tensor {feature!r} has shape {info.shape(feature)}: Grad-CAM needs a feature map "
+                "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
+            )
     image = layers.image_input(graph, info)
     image_shape = info.shape(image)
     assert image_shape is not None
     layout = cam.detect_layout(image_shape)
+    spec = cam.CamSpec(tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient)
 
     taken = {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
     taken |= {i.name for i in graph.input} | {o.name for o in graph.output} | {i.name for i in graph.initializer}
     b = GraphBuilder(opset, taken)
     class_input = b.reserve(cam.CLASS_INPUT)
-    public = [b.reserve(n) for n in (cam.MAP, cam.RAW, cam.TARGET, cam.SCORE)]
-    if expose_gradient:
-        public += [b.reserve(cam.FEATURES), b.reserve(cam.GRADIENT)]
     ctx = RuleContext(b, info)
     try:
-        outs = cam.append_gradcam(ctx, list(graph.node), image, layout, feature, reduction, class_input, expose_gradient)
+        outs = cam.append_cam(ctx, list(graph.node), image, layout, spec, class_input)
     except UnsupportedOpError as err:
-        raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, _node_output(graph, err.node_name)))
+        after = _node_output(graph, err.node_name)
+        raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
 
-    batch_dim = image_shape[0]
-    feat_shape = info.shape(feature) or ()
-    spatial = [image_shape[i] for i in cam.spatial_axes(image_shape, layout)]
-    renames = [
-        (outs.map, cam.MAP, TensorProto.FLOAT, [batch_dim, *spatial]),
-        (outs.raw, cam.RAW, TensorProto.FLOAT, [batch_dim, *feat_shape[2:]]),
-        (outs.target, cam.TARGET, TensorProto.INT64, [batch_dim]),
-        (outs.score, cam.SCORE, info.dtype(reduction), [batch_dim]),
-    ]
-    if expose_gradient:
-        renames += [
-            (feature, cam.FEATURES, info.dtype(feature), list(feat_shape)),
-            (outs.gradient or "", cam.GRADIENT, info.dtype(feature), list(feat_shape)),
-        ]
-    for internal, public_name, dtype, shape in renames:
+    for public_name, (internal, dtype, shape) in outs.tensors.items():
+        b.reserve(public_name)
         b.nodes.append(helper.make_node("Identity", [internal], [public_name], name=b.fresh(f"{public_name}_out")))
         graph.output.append(helper.make_tensor_value_info(public_name, dtype, [_dim(d) for d in shape]))
 
@@ -136,13 +142,17 @@ def prepare_model(
 
     work.ir_version = max(original_ir, min_ir_version(opset))
     meta = {
-        "feature_tensor": feature,
+        "feature_tensor": features[0],
         "reduction_tensor": reduction,
-        "method": "gradcam",
+        "method": spec.methods[0],
         "source_sha256": source_sha256,
         "version": __version__,
         "input": image,
         "input_layout": layout,
+        "methods": json.dumps(list(spec.methods)),
+        "feature_tensors": json.dumps(features),
+        "counterfactual": json.dumps(counterfactual),
+        "guided": json.dumps(guided),
     }
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()
@@ -152,7 +162,10 @@ def prepare_model(
         if full in existing:
             raise OnnxGradCamError(f"the model already has metadata {full!r}: to fix this, prepare the original model")
         work.metadata_props.append(onnx.StringStringEntryProto(key=full, value=value))
-    return work, PrepareReport(feature, reduction, image, layout, "gradcam", {META_PREFIX + k: v for k, v in meta.items()})
+    report = PrepareReport(features[0], reduction, image, layout, spec.methods[0],
+                           {META_PREFIX + k: v for k, v in meta.items()}, tuple(features), tuple(spec.methods),
+                           tuple(outs.tensors))
+    return work, report
 
 
 def _dim(d: object) -> int | str | None:
