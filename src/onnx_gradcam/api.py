@@ -39,6 +39,7 @@ def prepare(
     methods: Sequence[str] = ("gradcam",),
     counterfactual: bool = False,
     guided: bool = False,
+    target: str = "class",
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
 
@@ -62,6 +63,7 @@ def prepare(
         methods=methods,
         counterfactual=counterfactual,
         guided=guided,
+        target=target,
     )
     save_model_atomic(prepared, out)
     return report

@@ -23,6 +23,7 @@ from ..errors import BadInputError
 from .methods import METHODS
 
 CLASS_INPUT = "gradcam_class"
+SEED_INPUT = "gradcam_seed"
 MAP = "gradcam_map"
 RAW = "gradcam_raw"
 TARGET = "gradcam_target"
@@ -44,11 +45,14 @@ class CamSpec:
     counterfactual: bool = False
     guided: bool = False
     expose_gradient: bool = False
+    target: str = "class"  # "class": one-hot of gradcam_class; "seed": the caller's gradcam_seed
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise BadInputError(f"unknown method {unknown[0]!r}: to fix this, use one of {', '.join(METHODS)}")
+        if self.target not in ("class", "seed"):
+            raise BadInputError(f"unknown target {self.target!r}: to fix this, use 'class' or 'seed'")
         if not self.methods or not self.features:
             raise BadInputError("at least one method and one feature layer are needed")
 
@@ -97,22 +101,36 @@ def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str)
     return seed, target, score
 
 
+def seed_score(b: GraphBuilder, info: TensorInfo, reduction: str, seed: str) -> str:
+    """The caller's scalar score per sample: S = Σ seed ⊙ reduction over the non-batch axes."""
+    rank = info.rank(reduction)
+    assert rank is not None
+    product = b.op("Mul", [seed, reduction])
+    return b.reduce("ReduceSum", product, list(range(1, rank)), keepdims=False) if rank > 1 else product
+
+
 def append_cam(
     ctx: RuleContext,
     nodes: Sequence[onnx.NodeProto],
     image: str,
     layout: str,
     spec: CamSpec,
-    class_input: str,
+    target_input: str,
 ) -> CamOutputs:
-    """Emit the whole computation; returns the public outputs it produces."""
+    """Emit the whole computation; returns the public outputs it produces.
+
+    `target_input` is the gradcam_class input (class target) or the gradcam_seed input (seed).
+    """
     b, info = ctx.b, ctx.info
     image_shape = info.shape(image)
     assert image_shape is not None
     batch = image_shape[0]
     spatial = [image_shape[i] for i in spatial_axes(image_shape, layout)]
     out = CamOutputs()
-    seed, target, score = class_seed(b, info, spec.reduction, class_input)
+    if spec.target == "class":
+        seed, target, score = class_seed(b, info, spec.reduction, target_input)
+    else:
+        seed, target, score = target_input, "", seed_score(b, info, spec.reduction, target_input)
     grads = backprop(ctx, nodes, list(spec.features), {spec.reduction: seed})
     sizes = _map_sizes(b, image, image_shape, layout)
 
@@ -150,7 +168,8 @@ def append_cam(
         combined, raw, _, _ = maps_for(spec.methods[0], negate=True)
         out.add(f"{MAP}_{COUNTERFACTUAL}", combined, fl, map_dims)
         out.add(f"{RAW}_{COUNTERFACTUAL}", raw, fl, first_raw_dims)
-    out.add(TARGET, target, TensorProto.INT64, [batch])
+    if target:
+        out.add(TARGET, target, TensorProto.INT64, [batch])
     out.add(SCORE, score, info.dtype(spec.reduction), [batch])
     if spec.guided:
         guided_ctx = RuleContext(b, info, relu_mode="guided")

@@ -109,8 +109,42 @@ def _spatial_gt_one(shape: tuple[int | str | None, ...]) -> bool:
     return size > 1
 
 
+_LINEAR = {"Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Sum", "Neg", "BatchNormalization", "Resize", "Upsample",
+           "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "Concat", "Split",
+           "Slice", "Gather", "Pad", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum"}
+
+
+def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str]) -> set[str]:
+    """Tensors from which every path to the reduction is linear (a dense output's classifier)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for k in differentiable_inputs(node):  # Shape and the like read no values
+            if k < len(node.input) and node.input[k] in on_path:
+                consumers.setdefault(node.input[k], []).append(node)
+    tail = {reduction}
+    for node in reversed(nodes):
+        for t in node.input:
+            if t not in on_path or t in tail:
+                continue
+            ok = True
+            for c in consumers.get(t, []):
+                path_inputs = sum(1 for i in c.input if i in on_path)
+                linear = c.op_type in _LINEAR or (c.op_type in ("Mul", "Div", "MatMul") and path_inputs == 1)
+                if not linear or not all(o in tail for o in c.output if o in on_path):
+                    ok = False
+                    break
+            if ok:
+                tail.add(t)
+    return tail
+
+
 def candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True) -> list[Candidate]:
-    """Feature-map candidates on the paths input -> reduction, shallowest first."""
+    """Feature-map candidates on the paths input -> reduction, shallowest first.
+
+    For dense outputs (a reduction tensor of rank >= 3: segmentation, detection maps), the
+    linear classifier at the end (Conv, Resize, ...) is not a default: its output is the class
+    map itself; the default is the last activation before it.
+    """
     nodes = list(graph.node)
     source = image_input(graph, info)
     fwd = forward_reachable(nodes, [source])
@@ -130,11 +164,14 @@ def candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dom
                 continue
             if _spatial_gt_one(shape):
                 found.append((out, node, shape))
+    rshape = info.shape(reduction)
+    tail = _linear_tail(nodes, reduction, fwd & bwd) if rshape is not None and len(rshape) >= 3 else set()
     result: list[Candidate] = []
     default_set = False
     for out, node, shape in reversed(found):
         dom = _dominates(nodes, [source], out, reduction) if (all_dominators or not default_set) else False
-        is_default = dom and not default_set
+        eligible = out not in tail or node.op_type not in _LINEAR | {"Mul", "Div", "MatMul"}
+        is_default = dom and eligible and not default_set
         default_set = default_set or is_default
         result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default))
     return list(reversed(result))
@@ -155,3 +192,42 @@ def downstream_candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: s
     nodes = list(graph.node)
     later = forward_reachable(nodes, [after])
     return [c.name for c in reversed(candidates(graph, info, reduction)) if c.name in later and c.dominates]
+
+
+def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -> None:
+    """An error naming the non-differentiable op (NMS, TopK indices, ArgMax, ...) between the
+    feature tensor and the reduction tensor, and the tensors before it, when the score cannot
+    carry a gradient back to the feature map."""
+    nodes = list(graph.node)
+    if reduction in forward_reachable(nodes, [feature]):
+        return
+    # plain reachability, differentiable or not
+    reached = {feature}
+    for node in nodes:
+        if any(i in reached for i in node.input):
+            reached.update(o for o in node.output if o)
+    if reduction not in reached:
+        raise LayerNotFoundError(
+            f"the reduction tensor {reduction!r} does not depend on the feature tensor {feature!r}: to fix this, "
+            "choose a feature layer before it (see `onnx-gradcam layers MODEL`)"
+        )
+    fwd = forward_reachable(nodes, [feature])
+    ancestors = backward_plain(nodes, reduction)
+    blockers = [n for n in nodes if n.output and any(o in ancestors for o in n.output)
+                and any(i in fwd for i in n.input) and not any(o in fwd for o in n.output if o)]
+    node = blockers[0] if blockers else None
+    before = [i for i in (node.input if node is not None else []) if i in fwd]
+    where = f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
+    raise LayerNotFoundError(
+        f"the reduction tensor {reduction!r} lies after {where}, which passes no gradient: to fix this, choose "
+        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in before[:3])}"
+    )
+
+
+def backward_plain(nodes: list[onnx.NodeProto], target: str) -> set[str]:
+    """Every tensor `target` depends on, through any input."""
+    reached = {target}
+    for node in reversed(nodes):
+        if any(o in reached for o in node.output if o):
+            reached.update(i for i in node.input if i)
+    return reached

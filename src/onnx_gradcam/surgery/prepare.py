@@ -74,12 +74,15 @@ def prepare_model(
     methods: Sequence[str] = ("gradcam",),
     counterfactual: bool = False,
     guided: bool = False,
+    target: str = "class",
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
     `feature_layer` may name several layers (one map each, `gradcam_map` their mean);
     `methods` lists CAM methods (the first gives `gradcam_map`); `counterfactual` adds the map
-    of the negated gradient; `guided` adds Guided Backprop and Guided Grad-CAM.
+    of the negated gradient; `guided` adds Guided Backprop and Guided Grad-CAM. `target="seed"`
+    replaces the class input by `gradcam_seed`, dL/d(reduction tensor) given by the caller, for
+    segmentation, regression, detection or any other differentiable output.
     """
     original_ir = model.ir_version
     work = upgrade_opset(model)
@@ -96,11 +99,14 @@ def prepare_model(
     else:
         reduction = layers.default_reduction(graph, info)
     rshape = info.shape(reduction)
-    if rshape is None or len(rshape) != 2:
+    if target == "class" and (rshape is None or len(rshape) != 2):
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} has shape {rshape}, not [batch, classes]: to fix this, "
-            "name the logits with --reduction-layer"
+            "name the logits with --reduction-layer, or explain other outputs with --target seed"
         )
+    if rshape is None:
+        raise LayerNotFoundError(f"the shape of the reduction tensor {reduction!r} is unknown: to fix this, "
+                                 "name another tensor with --reduction-layer")
     if feature_layer is None:
         features = [layers.default_feature(graph, info, reduction)]
     else:
@@ -117,15 +123,17 @@ def prepare_model(
     image_shape = info.shape(image)
     assert image_shape is not None
     layout = cam.detect_layout(image_shape)
-    spec = cam.CamSpec(tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient)
+    spec = cam.CamSpec(tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient, target)
+    for feature in features:
+        layers.check_differentiable(graph, feature, reduction)
 
     taken = {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
     taken |= {i.name for i in graph.input} | {o.name for o in graph.output} | {i.name for i in graph.initializer}
     b = GraphBuilder(opset, taken)
-    class_input = b.reserve(cam.CLASS_INPUT)
+    target_input = b.reserve(cam.CLASS_INPUT if target == "class" else cam.SEED_INPUT)
     ctx = RuleContext(b, info)
     try:
-        outs = cam.append_cam(ctx, list(graph.node), image, layout, spec, class_input)
+        outs = cam.append_cam(ctx, list(graph.node), image, layout, spec, target_input)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
         raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
@@ -137,8 +145,12 @@ def prepare_model(
 
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), class_input))
-    graph.input.append(helper.make_tensor_value_info(class_input, TensorProto.INT64, ["gradcam_classes"]))
+    if target == "class":
+        graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_input))
+        graph.input.append(helper.make_tensor_value_info(target_input, TensorProto.INT64, ["gradcam_classes"]))
+    else:
+        seed_dims = [_dim(image_shape[0]), *[_dim(d) for d in rshape[1:]]]
+        graph.input.append(helper.make_tensor_value_info(target_input, info.dtype(reduction), seed_dims))
 
     work.ir_version = max(original_ir, min_ir_version(opset))
     meta = {
@@ -153,6 +165,7 @@ def prepare_model(
         "feature_tensors": json.dumps(features),
         "counterfactual": json.dumps(counterfactual),
         "guided": json.dumps(guided),
+        "target": target,
     }
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()

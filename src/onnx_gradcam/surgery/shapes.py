@@ -34,7 +34,9 @@ def _dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
     t = vi.type.tensor_type
     if not t.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    # onnx names the dims it could not infer 'unk__N': unknown, not symbolic
+    return [d.dim_value if d.HasField("dim_value") else
+            (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None) for d in t.shape.dim]
 
 
 def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | None]) -> dict[str, list[Dim]]:
@@ -95,6 +97,19 @@ def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int
     return dims
 
 
+def _hinted_dims(node: onnx.NodeProto, values: dict[str, list[Dim]], shapes: dict[str, list[Dim] | None]
+                 ) -> list[Dim] | None:
+    """Output dims of Reshape / Resize whose shape operand folds, else None."""
+    if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in values:
+        allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+        return _reshape_result(shapes.get(node.input[0]), values[node.input[1]], allowzero)
+    if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] in values:
+        if any(a.name == "axes" for a in node.attribute):
+            return None
+        return list(values[node.input[3]])
+    return None
+
+
 def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
     """Shape-inferred copy of `model`, with Reshape targets folded from shape subgraphs."""
     work = _sanitised(model)
@@ -107,17 +122,16 @@ def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
         values = _fold_shape_values(inferred, shapes)
         hints: list[onnx.ValueInfoProto] = []
         for node in graph.node:
-            if node.op_type != "Reshape" or node.input[1] not in values:
+            dims = _hinted_dims(node, values, shapes)
+            if dims is None:
                 continue
             current = shapes.get(node.output[0])
-            target = values[node.input[1]]
-            if current is not None and len(current) == len(target) and all(d is not None for d in current):
+            if current is not None and len(current) == len(dims) and all(d is not None for d in current):
                 continue
-            allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
-            dims = _reshape_result(shapes.get(node.input[0]), target, allowzero)
             elem = next((vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input]
                          if vi.name == node.input[0]), onnx.TensorProto.FLOAT)
-            hints.append(helper.make_tensor_value_info(node.output[0], elem, [d if d is not None else f"{node.output[0]}_d{i}" for i, d in enumerate(dims)]))
+            named = [d if d is not None else f"{node.output[0]}_d{i}" for i, d in enumerate(dims)]
+            hints.append(helper.make_tensor_value_info(node.output[0], elem, named))
         if not hints:
             break
         hinted = {h.name for h in hints}
@@ -125,7 +139,5 @@ def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
         fresh.CopyFrom(work)
         fresh.graph.value_info.extend(hints)
         inferred = infer_shapes(fresh)
-        work_vi = [vi for vi in inferred.graph.value_info if vi.name in hinted]
-        del work.graph.value_info[:]
-        work.graph.value_info.extend(work_vi)
+        work.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in hinted)
     return inferred

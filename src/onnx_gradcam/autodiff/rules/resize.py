@@ -45,6 +45,14 @@ def _axis_matrix(node: onnx.NodeProto, opset: int, n_in: int, n_out: int, scale:
     return np.asarray(y, np.float64).T  # row j of eye resized = column j of M
 
 
+def _const_or_none(ctx: RuleContext, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+    """A constant operand, or None when absent, empty, or computed at run time."""
+    if index >= len(node.input) or not node.input[index]:
+        return None
+    value = ctx.info.const(node.input[index])
+    return None if value is None or value.size == 0 else value
+
+
 def resize(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = X ×_a M_a over resized axes a:  dX = dY ×_a M_a^T (M folded at prepare time)."""
     dy = dys[0]
@@ -57,24 +65,28 @@ def resize(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     if int(a.get("antialias", 0)):
         raise ctx.unsupported(node, "antialias=1")
     x, y = node.input[0], node.output[0]
-    xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
+    xs, ys = ctx.info.shape(x), ctx.info.shape(y)
+    if xs is None or ys is None or len(xs) != len(ys):
+        raise ctx.unsupported(node, "input or output of unknown shape")
     rank = len(xs)
-    scales = ctx.const_input(node, 2) if len(node.input) > 2 else None
-    if node.op_type == "Upsample" or ctx.opset < 11:
-        scales = ctx.const_input(node, 1)
-    if scales is not None and scales.size == 0:
-        scales = None
-    roi = ctx.const_input(node, 1) if ctx.opset >= 11 and len(node.input) > 1 and node.input[1] else None
-    if roi is not None and roi.size == 0:
-        roi = None
+    scales = _const_or_none(ctx, node, 1 if node.op_type == "Upsample" or ctx.opset < 11 else 2)
+    sizes = _const_or_none(ctx, node, 3) if ctx.opset >= 11 else None
+    roi = _const_or_none(ctx, node, 1) if ctx.opset >= 11 else None
+    scales_at_run_time = len(node.input) > 2 and bool(node.input[2]) and ctx.info.const(node.input[2]) is None
+    if scales is None and sizes is None and scales_at_run_time and ctx.opset >= 11:
+        # run-time scales: the matrix would depend on the value, not only on the sizes
+        raise ctx.unsupported(node, "scales computed at run time")
     axes_attr = a.get("axes")
     axes = [int(v) % rank for v in axes_attr] if axes_attr else list(range(rank))
     g = dy
     for j, ax in enumerate(axes):
-        if xs[ax] == ys[ax] and (scales is None or float(scales[j]) == 1.0):
-            continue
         scale = float(scales[j]) if scales is not None else None
+        if xs[ax] == ys[ax] and scale in (None, 1.0):
+            continue
+        n_in, n_out = xs[ax], ys[ax]
+        if not isinstance(n_in, int) or not isinstance(n_out, int):
+            raise ctx.unsupported(node, f"axis {ax} resized between sizes unknown at prepare time ({n_in} -> {n_out})")
         r = (float(roi[j]), float(roi[len(axes) + j])) if roi is not None else None
-        m = _axis_matrix(node, ctx.opset, xs[ax], ys[ax], scale, r)
+        m = _axis_matrix(node, ctx.opset, n_in, n_out, scale, r)
         g = contract_axis(ctx, g, m, ax, rank, x)
     return [g] + [None] * (len(node.input) - 1)
