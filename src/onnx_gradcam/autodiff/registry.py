@@ -58,6 +58,7 @@ RULES: dict[str, Rule] = {
     "Gemm": linear.gemm,
     "MatMul": linear.matmul,
     "Conv": linear.conv,
+    "ConvTranspose": linear.conv_transpose,
     # normalisation
     "BatchNormalization": normalization.batch_norm,
     "LayerNormalization": normalization.layer_norm,

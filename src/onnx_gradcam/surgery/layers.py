@@ -114,6 +114,10 @@ _LINEAR = {"Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Sum", "Neg", "BatchNo
            "Slice", "Gather", "Pad", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum"}
 
 
+# a dense output's head: linear maps, plus the per-pixel output activation (probabilities)
+_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax"}
+
+
 def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str]) -> set[str]:
     """Tensors from which every path to the reduction is linear (a dense output's classifier)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -129,7 +133,7 @@ def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str])
             ok = True
             for c in consumers.get(t, []):
                 path_inputs = sum(1 for i in c.input if i in on_path)
-                linear = c.op_type in _LINEAR or (c.op_type in ("Mul", "Div", "MatMul") and path_inputs == 1)
+                linear = c.op_type in _TAIL or (c.op_type in ("Mul", "Div", "MatMul") and path_inputs == 1)
                 if not linear or not all(o in tail for o in c.output if o in on_path):
                     ok = False
                     break

@@ -169,3 +169,35 @@ def fit_spatial(ctx: RuleContext, t: str, like: str, n: int) -> str:
     missing = b.op("Max", [b.op("Sub", [target, b.shape_of(cropped, 2)]), b.const(np.zeros(n, np.int64), "zeros")])
     pads = b.op("Concat", [b.const(np.zeros(n + 4, np.int64), "zeros"), missing], axis=0)
     return b.op("Pad", [cropped, pads])
+
+
+def conv_transpose(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = conv_transpose(X, W) + b:  dX = conv(dY, W) with the same groups, strides, dilations
+    and pads (a ConvTranspose weight [C_in, C_out/group, k...] is the matching Conv's weight)."""
+    dy = dys[0]
+    assert dy is not None
+    if len(wrt) > 1 and wrt[1] or len(wrt) > 2 and wrt[2]:
+        raise ctx.unsupported(node, "weights or bias that depend on the feature tensor")
+    a = ctx.attrs(node)
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID") or "output_shape" in a:
+        raise ctx.unsupported(node, "auto_pad SAME or output_shape (give explicit pads)")
+    rank = ctx.info.rank(node.input[0])
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    n = rank - 2
+    wv = ctx.info.const(node.input[1])
+    kernel = list(a.get("kernel_shape", wv.shape[2:] if wv is not None else []))
+    if not kernel:
+        raise ctx.unsupported(node, "weights of unknown shape")
+    dx = ctx.b.op(
+        "Conv",
+        [dy, node.input[1]],
+        group=int(a.get("group", 1)),
+        kernel_shape=kernel,
+        strides=list(a.get("strides", [1] * n)),
+        dilations=list(a.get("dilations", [1] * n)),
+        pads=list(a.get("pads", [0] * 2 * n)),
+    )
+    return [dx] + [None] * (len(node.input) - 1)

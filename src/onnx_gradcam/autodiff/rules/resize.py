@@ -53,6 +53,31 @@ def _const_or_none(ctx: RuleContext, node: onnx.NodeProto, index: int) -> np.nda
     return None if value is None or value.size == 0 else value
 
 
+def _replication_factors(node: onnx.NodeProto, opset: int, scales: np.ndarray | None, roi: np.ndarray | None,
+                         n_axes: int) -> list[int] | None:
+    """Integer factors k when this Resize repeats every input element k times per axis
+    (nearest mode, integer scales; checked on the node's own interpolation matrix), else None."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    mode = attrs.get("mode", b"nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest" or scales is None or roi is not None:
+        return None
+    if any(float(v) != int(v) or int(v) < 1 for v in scales):
+        return None
+    factors = [int(v) for v in scales]
+    for k in set(factors) - {1}:
+        m = _axis_matrix(node, opset, 7, 7 * k, float(k), None)
+        if not np.array_equal(m, np.kron(np.eye(7), np.ones((k, 1)))):
+            return None
+    return factors
+
+
+def _sum_pool(ctx: RuleContext, dy: str, x: str, factors: list[int]) -> str:
+    """Transpose of k-fold replication: the sum over each k x k block (any spatial size)."""
+    b = ctx.b
+    pooled = b.op("AveragePool", [dy], kernel_shape=factors, strides=factors)
+    return b.op("Mul", [pooled, ctx.scalar_like(x, float(np.prod(factors)))])
+
+
 def resize(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = X ×_a M_a over resized axes a:  dX = dY ×_a M_a^T (M folded at prepare time)."""
     dy = dys[0]
@@ -78,6 +103,9 @@ def resize(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         raise ctx.unsupported(node, "scales computed at run time")
     axes_attr = a.get("axes")
     axes = [int(v) % rank for v in axes_attr] if axes_attr else list(range(rank))
+    factors = _replication_factors(node, ctx.opset, scales, roi, len(axes))
+    if factors is not None and axes == list(range(rank)) and factors[:2] == [1, 1]:
+        return [_sum_pool(ctx, dy, x, factors[2:])] + [None] * (len(node.input) - 1)
     g = dy
     for j, ax in enumerate(axes):
         scale = float(scales[j]) if scales is not None else None
