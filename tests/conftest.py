@@ -16,5 +16,9 @@ def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
 def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
     """max |actual - expected| relative to the reference's largest magnitude."""
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    diff = float(np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64)))) if expected.size else 0.0
+    diff = (
+        float(np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(expected, np.float64))))
+        if expected.size
+        else 0.0
+    )
     return diff / scale if scale > 0 else diff

@@ -20,9 +20,12 @@ def tiny_cnn(seed: int = 0):  # -> torch.nn.Module
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
                 nn.MaxPool2d(2),
-                nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(8, 16, 3, padding=1),
+                nn.ReLU(),
             )
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(16, 5)
@@ -42,8 +45,13 @@ def export(model, path: Path, size: int = 16, opset: int = 17) -> Path:
     import torch
 
     torch.onnx.export(
-        model, torch.randn(1, 3, size, size), str(path), dynamo=False, opset_version=opset,
-        input_names=["input"], output_names=["probs"],
+        model,
+        torch.randn(1, 3, size, size),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["probs"],
         dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}},
     )
     return path
@@ -69,7 +77,8 @@ def handmade(head_op: str | None = None, conv_bias: float = 0.1, channels: int =
         helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="fc", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "handmade",
+        nodes,
+        "handmade",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
         [w, b, fc],

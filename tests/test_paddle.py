@@ -53,8 +53,16 @@ def test_prepared_paddle_classifier_keeps_outputs_and_gives_a_map(cls_model) -> 
     assert m.max() == pytest.approx(1.0, abs=1e-6)
 
 
-def _head_fd(src: Path, prepared: onnx.ModelProto, feature: str, logits: str, x: np.ndarray, cls: int,
-             step: float, sample: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _head_fd(
+    src: Path,
+    prepared: onnx.ModelProto,
+    feature: str,
+    logits: str,
+    x: np.ndarray,
+    cls: int,
+    step: float,
+    sample: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(engine's dS/dA, central differences of S over a head model fed A) at `sample` random entries."""
     head = Extractor(upgrade_opset(onnx.load(str(src)))).extract_model([feature], [logits])
     head_sess = cpu_session(head.SerializeToString())
@@ -63,7 +71,9 @@ def _head_fd(src: Path, prepared: onnx.ModelProto, feature: str, logits: str, x:
     a, analytic = got["gradcam_features"], got["gradcam_gradient"]
     np.testing.assert_allclose(head_sess.run(None, {feature: a})[0][0, cls], got["gradcam_score"][0], rtol=1e-5)
     flat = a.reshape(-1)
-    picks = np.arange(flat.size) if sample is None else np.random.RandomState(cls).choice(flat.size, sample, replace=False)
+    picks = (
+        np.arange(flat.size) if sample is None else np.random.RandomState(cls).choice(flat.size, sample, replace=False)
+    )
     numeric = np.zeros(len(picks))
     for j, i in enumerate(picks):
         plus, minus = flat.copy(), flat.copy()
@@ -81,8 +91,16 @@ def test_paddle_gradient_matches_finite_differences(cls_model) -> None:
     meta = {p.key: p.value for p in prepared.metadata_props}
     x = _text_like(1)
     for cls in (0, 1):
-        analytic, numeric = _head_fd(src, prepared, meta["gradcam.feature_tensor"], meta["gradcam.reduction_tensor"],
-                                     x, cls, step=1e-2, sample=None)
+        analytic, numeric = _head_fd(
+            src,
+            prepared,
+            meta["gradcam.feature_tensor"],
+            meta["gradcam.reduction_tensor"],
+            x,
+            cls,
+            step=1e-2,
+            sample=None,
+        )
         # float32 central differences, step 1e-2, of a head linear in A: 1e-3 of the largest entry
         assert rel_err(analytic, numeric) < 1e-3
 

@@ -144,7 +144,9 @@ def test_versions_checker_and_metadata(tiny) -> None:
     _, src, out = tiny
     original, prepared = onnx.load(str(src)), onnx.load(str(out))
     assert prepared.ir_version == original.ir_version
-    assert [(o.domain, o.version) for o in prepared.opset_import] == [(o.domain, o.version) for o in original.opset_import]
+    assert [(o.domain, o.version) for o in prepared.opset_import] == [
+        (o.domain, o.version) for o in original.opset_import
+    ]
     onnx.checker.check_model(prepared, full_check=True)
     assert {n.domain for n in prepared.graph.node} <= {"", "ai.onnx"}
     meta = {p.key: p.value for p in prepared.metadata_props}

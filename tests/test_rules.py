@@ -75,7 +75,9 @@ def _gradient_model(fwd: onnx.ModelProto, source: str, seeds: dict[str, np.ndarr
     g.node.append(helper.make_node("Identity", [dx], ["dx"]))
     g.initializer.extend(b.initializers)
     for out, value in seeds.items():
-        g.input.append(helper.make_tensor_value_info(seed_names[out], helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+        g.input.append(
+            helper.make_tensor_value_info(seed_names[out], helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+        )
     del g.output[:]
     like = next(vi for vi in fwd.graph.input if vi.name == source)
     g.output.append(helper.make_tensor_value_info("dx", like.type.tensor_type.elem_type, None))

@@ -29,7 +29,8 @@ class UnsupportedOpError(OnnxGradCamError):
     def _message(self) -> str:
         what = f"no gradient rule for op {self.op_type!r} (node {self.node_name!r}, opset {self.opset})"
         if self.detail:
-            what = f"gradient rule for op {self.op_type!r} (node {self.node_name!r}, opset {self.opset}) cannot handle {self.detail}"
+            where = f"op {self.op_type!r} (node {self.node_name!r}, opset {self.opset})"
+            what = f"the gradient rule for {where} cannot handle {self.detail}"
         if self.alternatives:
             shown = ", ".join(repr(n) for n in self.alternatives[:5])
             return f"{what}; to fix this, choose a feature layer nearer the output with --feature-layer, e.g. {shown}"

@@ -61,9 +61,9 @@ class CamSpec:
 class CamOutputs:
     """Public output name -> (internal tensor, element type, dims) in the order they are added."""
 
-    tensors: dict[str, tuple[str, int, list[object]]] = field(default_factory=dict)
+    tensors: dict[str, tuple[str, int, Sequence[object]]] = field(default_factory=dict)
 
-    def add(self, public: str, internal: str, dtype: int, dims: list[object]) -> None:
+    def add(self, public: str, internal: str, dtype: int, dims: Sequence[object]) -> None:
         self.tensors[public] = (internal, dtype, dims)
 
 
@@ -93,9 +93,14 @@ def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str)
     if isinstance(k, int):
         classes = b.const(np.arange(k, dtype=np.int64), "classes")
     else:
-        classes = b.op("Range", [b.const(np.array(0, np.int64), "zero"),
-                                 b.squeeze(b.shape_of(logits, 1, 2), [0]),
-                                 b.const(np.array(1, np.int64), "one")])
+        classes = b.op(
+            "Range",
+            [
+                b.const(np.array(0, np.int64), "zero"),
+                b.squeeze(b.shape_of(logits, 1, 2), [0]),
+                b.const(np.array(1, np.int64), "one"),
+            ],
+        )
     seed = b.op("Cast", [b.op("Equal", [column, classes])], hint="seed", to=dtype)
     score = b.squeeze(b.op("GatherElements", [logits, column], axis=1), [1])
     return seed, target, score
@@ -187,15 +192,21 @@ def append_cam(
 
 def _map_sizes(b: GraphBuilder, image: str, image_shape: Sequence[object], layout: str) -> str:
     """[N, 1, *spatial sizes of the image] as a run-time shape for Resize."""
-    spatial = b.op("Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64),
-                                                           "axes")], axis=0)
+    spatial = b.op(
+        "Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64), "axes")], axis=0
+    )
     return b.op("Concat", [b.shape_of(image, 0, 1), b.const(np.array([1], np.int64), "one"), spatial], axis=0)
 
 
 def upsample(b: GraphBuilder, raw: str, sizes: str) -> str:
     """Bilinear (linear per axis) with half-pixel centres, to the input's spatial size."""
-    up = b.op("Resize", [b.unsqueeze(raw, [1]), "", "", sizes], hint="upsampled", mode="linear",
-              coordinate_transformation_mode="half_pixel")
+    up = b.op(
+        "Resize",
+        [b.unsqueeze(raw, [1]), "", "", sizes],
+        hint="upsampled",
+        mode="linear",
+        coordinate_transformation_mode="half_pixel",
+    )
     return b.squeeze(up, [1])
 
 

@@ -109,9 +109,35 @@ def _spatial_gt_one(shape: tuple[int | str | None, ...]) -> bool:
     return size > 1
 
 
-_LINEAR = {"Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Sum", "Neg", "BatchNormalization", "Resize", "Upsample",
-           "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "Concat", "Split",
-           "Slice", "Gather", "Pad", "GlobalAveragePool", "AveragePool", "ReduceMean", "ReduceSum"}
+_LINEAR = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "Add",
+    "Sub",
+    "Sum",
+    "Neg",
+    "BatchNormalization",
+    "Resize",
+    "Upsample",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Dropout",
+    "Cast",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "Pad",
+    "GlobalAveragePool",
+    "AveragePool",
+    "ReduceMean",
+    "ReduceSum",
+}
 
 
 # a dense output's head: linear maps, plus the per-pixel output activation (probabilities)
@@ -142,7 +168,9 @@ def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str])
     return tail
 
 
-def candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True) -> list[Candidate]:
+def candidates(
+    graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True
+) -> list[Candidate]:
     """Feature-map candidates on the paths input -> reduction, shallowest first.
 
     For dense outputs (a reduction tensor of rank >= 3: segmentation, detection maps), the
@@ -217,11 +245,19 @@ def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -
         )
     fwd = forward_reachable(nodes, [feature])
     ancestors = backward_plain(nodes, reduction)
-    blockers = [n for n in nodes if n.output and any(o in ancestors for o in n.output)
-                and any(i in fwd for i in n.input) and not any(o in fwd for o in n.output if o)]
+    blockers = [
+        n
+        for n in nodes
+        if n.output
+        and any(o in ancestors for o in n.output)
+        and any(i in fwd for i in n.input)
+        and not any(o in fwd for o in n.output if o)
+    ]
     node = blockers[0] if blockers else None
     before = [i for i in (node.input if node is not None else []) if i in fwd]
-    where = f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
+    where = (
+        f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
+    )
     raise LayerNotFoundError(
         f"the reduction tensor {reduction!r} lies after {where}, which passes no gradient: to fix this, choose "
         f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in before[:3])}"

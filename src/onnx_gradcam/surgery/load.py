@@ -94,8 +94,14 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
         if model.ByteSize() >= _TWO_GB or _has_external(model):
             data_name = out.name + ".data"
             tmp_data = out.parent / f".{data_name}.tmp"
-            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=tmp_data.name, size_threshold=1024)
+            onnx.save(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=tmp_data.name,
+                size_threshold=1024,
+            )
             # the file refers to the final data name; rewrite the location after moving
             saved = onnx.load(tmp, load_external_data=False)
             for t in _external_tensors(saved):

@@ -105,8 +105,10 @@ def prepare_model(
             "name the logits with --reduction-layer, or explain other outputs with --target seed"
         )
     if rshape is None:
-        raise LayerNotFoundError(f"the shape of the reduction tensor {reduction!r} is unknown: to fix this, "
-                                 "name another tensor with --reduction-layer")
+        raise LayerNotFoundError(
+            f"the shape of the reduction tensor {reduction!r} is unknown: to fix this, "
+            "name another tensor with --reduction-layer"
+        )
     if feature_layer is None:
         features = [layers.default_feature(graph, info, reduction)]
     else:
@@ -175,9 +177,17 @@ def prepare_model(
         if full in existing:
             raise OnnxGradCamError(f"the model already has metadata {full!r}: to fix this, prepare the original model")
         work.metadata_props.append(onnx.StringStringEntryProto(key=full, value=value))
-    report = PrepareReport(features[0], reduction, image, layout, spec.methods[0],
-                           {META_PREFIX + k: v for k, v in meta.items()}, tuple(features), tuple(spec.methods),
-                           tuple(outs.tensors))
+    report = PrepareReport(
+        features[0],
+        reduction,
+        image,
+        layout,
+        spec.methods[0],
+        {META_PREFIX + k: v for k, v in meta.items()},
+        tuple(features),
+        tuple(spec.methods),
+        tuple(outs.tensors),
+    )
     return work, report
 
 
@@ -194,4 +204,4 @@ def _node_output(graph: onnx.GraphProto, node_name: str) -> str:
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     """The gradcam.* metadata of a prepared model (empty for a plain one)."""
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    return {p.key[len(META_PREFIX) :]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}

@@ -35,8 +35,12 @@ def _dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
     if not t.HasField("shape"):
         return None
     # onnx names the dims it could not infer 'unk__N': unknown, not symbolic
-    return [d.dim_value if d.HasField("dim_value") else
-            (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None) for d in t.shape.dim]
+    return [
+        d.dim_value
+        if d.HasField("dim_value")
+        else (d.dim_param if d.dim_param and not d.dim_param.startswith("unk__") else None)
+        for d in t.shape.dim
+    ]
 
 
 def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | None]) -> dict[str, list[Dim]]:
@@ -65,8 +69,10 @@ def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | Non
             out = [d for v in ins for d in v]  # type: ignore[union-attr]
         elif op == "Slice" and ins and ins[0] is not None and all(v is not None for v in ins[1:3]):
             steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
-            if all(isinstance(v, int) for v in [*ins[1], *ins[2], *steps]):  # type: ignore[misc]
-                out = ins[0][slice(ins[1][0], ins[2][0], steps[0])]  # type: ignore[index]
+            bounds = [ins[1][0], ins[2][0], steps[0]]  # type: ignore[index]
+            if all(isinstance(v, int) for v in bounds):  # 1-D values: one axis
+                start, stop, step = (int(v) for v in bounds)  # type: ignore[arg-type]
+                out = ins[0][start:stop:step]
         elif op == "Gather" and ins and ins[0] is not None and ins[1] is not None:
             if all(isinstance(v, int) for v in ins[1]):  # type: ignore[union-attr]
                 out = [ins[0][int(i)] for i in ins[1]]  # type: ignore[index, arg-type]
@@ -97,8 +103,9 @@ def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int
     return dims
 
 
-def _hinted_dims(node: onnx.NodeProto, values: dict[str, list[Dim]], shapes: dict[str, list[Dim] | None]
-                 ) -> list[Dim] | None:
+def _hinted_dims(
+    node: onnx.NodeProto, values: dict[str, list[Dim]], shapes: dict[str, list[Dim] | None]
+) -> list[Dim] | None:
     """Output dims of Reshape / Resize whose shape operand folds, else None."""
     if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in values:
         allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
@@ -128,8 +135,10 @@ def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
             current = shapes.get(node.output[0])
             if current is not None and len(current) == len(dims) and all(d is not None for d in current):
                 continue
-            elem = next((vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input]
-                         if vi.name == node.input[0]), onnx.TensorProto.FLOAT)
+            elem = next(
+                (vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input] if vi.name == node.input[0]),
+                onnx.TensorProto.FLOAT,
+            )
             named = [d if d is not None else f"{node.output[0]}_d{i}" for i, d in enumerate(dims)]
             hints.append(helper.make_tensor_value_info(node.output[0], elem, named))
         if not hints:

@@ -148,8 +148,13 @@ def gelu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         t = b.op("Tanh", [u])
         du = b.op("Mul", [b.op("Add", [s(1.0), b.op("Mul", [x2, s(3 * 0.044715)])]), s(c)])
         sech2 = b.op("Sub", [s(1.0), b.op("Mul", [t, t])])
-        d = b.op("Add", [b.op("Mul", [b.op("Add", [s(1.0), t]), s(0.5)]),
-                         b.op("Mul", [b.op("Mul", [b.op("Mul", [x, s(0.5)]), sech2]), du])])
+        d = b.op(
+            "Add",
+            [
+                b.op("Mul", [b.op("Add", [s(1.0), t]), s(0.5)]),
+                b.op("Mul", [b.op("Mul", [b.op("Mul", [x, s(0.5)]), sech2]), du]),
+            ],
+        )
     else:
         cdf = b.op("Mul", [b.op("Add", [s(1.0), b.op("Erf", [b.op("Mul", [x, s(1.0 / math.sqrt(2.0))])])]), s(0.5)])
         pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), s(-0.5)])]), s(1.0 / math.sqrt(2 * math.pi))])

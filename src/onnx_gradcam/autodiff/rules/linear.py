@@ -98,8 +98,9 @@ def conv_pads(
     return ends, extra
 
 
-def same_pads(auto_pad: str, in_dims: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-              dilations: Sequence[int]) -> list[int]:
+def same_pads(
+    auto_pad: str, in_dims: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """Begin pads that auto_pad SAME_UPPER / SAME_LOWER imply (VALID: none)."""
     begins = []
     for i, k, s, d in zip(in_dims, kernel, strides, dilations, strict=True):
@@ -139,8 +140,15 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             raise ctx.unsupported(node, f"auto_pad={auto_pad} on an input of dynamic spatial size")
         begin = [0] * n if auto_pad == "VALID" else spatial_pads(a.get("pads"), n)[0]
-        full = ctx.b.op("ConvTranspose", [dy, w], group=group, kernel_shape=kernel, strides=strides,
-                        dilations=dilations, pads=list(begin) + [0] * n)
+        full = ctx.b.op(
+            "ConvTranspose",
+            [dy, w],
+            group=group,
+            kernel_shape=kernel,
+            strides=strides,
+            dilations=dilations,
+            pads=list(begin) + [0] * n,
+        )
         return [fit_spatial(ctx, full, x, n)] + [None] * (len(node.input) - 1)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
         begin = same_pads(auto_pad, xs[2:], kernel, strides, dilations)

@@ -3,6 +3,7 @@ MaxPool (scattering through the Indices output of a twin MaxPool)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,13 +20,15 @@ def _spatial_count(ctx: RuleContext, x: str) -> str:
     """1 / (number of spatial elements of x), constant where the shape is static."""
     shape = ctx.info.shape(x)
     if shape is not None and all(isinstance(d, int) for d in shape[2:]):
-        return ctx.scalar_like(x, 1.0 / float(np.prod(shape[2:])))
+        return ctx.scalar_like(x, 1.0 / float(math.prod(int(d) for d in shape[2:] if isinstance(d, int))))
     b = ctx.b
     count = b.op("Cast", [b.op("ReduceProd", [b.shape_of(x, 2)], keepdims=0)], to=ctx.info.dtype(x))
     return b.op("Reciprocal", [count])
 
 
-def global_average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+def global_average_pool(
+    ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]
+) -> Grads:
     """Y = mean_spatial X:  dX = broadcast(dY) / (H W)."""
     dy = dys[0]
     assert dy is not None
@@ -54,7 +57,9 @@ def global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | 
     return [b.op("Reshape", [dxf, b.shape_of(x)])]
 
 
-def _pool_geometry(ctx: RuleContext, node: onnx.NodeProto) -> tuple[tuple[int, ...], tuple[int, ...], list[int], list[int], list[int], list[int], list[int]]:
+def _pool_geometry(
+    ctx: RuleContext, node: onnx.NodeProto
+) -> tuple[tuple[int, ...], tuple[int, ...], list[int], list[int], list[int], list[int], list[int]]:
     x, y = node.input[0], node.output[0]
     xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
     n = len(xs) - 2
@@ -66,14 +71,19 @@ def _pool_geometry(ctx: RuleContext, node: onnx.NodeProto) -> tuple[tuple[int, .
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
         begin = same_pads(auto_pad, xs[2:], kernel, strides, dilations)
-        total = [max((o - 1) * s + (k - 1) * d + 1 - i, 0) for i, o, k, s, d in zip(xs[2:], ys[2:], kernel, strides, dilations)]
+        total = [
+            max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+            for i, o, k, s, d in zip(xs[2:], ys[2:], kernel, strides, dilations)
+        ]
         end = [t - bg for t, bg in zip(total, begin)]
     else:
         begin, end = spatial_pads(a.get("pads"), n)
     return xs, ys, kernel, strides, dilations, begin, end
 
 
-def _window_counts(in_len: int, out_len: int, k: int, s: int, d: int, pb: int, pe: int, include_pad: bool) -> np.ndarray:
+def _window_counts(
+    in_len: int, out_len: int, k: int, s: int, d: int, pb: int, pe: int, include_pad: bool
+) -> np.ndarray:
     lo, hi = (-pb, in_len + pe) if include_pad else (0, in_len)
     counts = []
     for o in range(out_len):
@@ -93,8 +103,16 @@ def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
     n = len(kernel)
     grid = np.ones(ys[2:], np.float64)
     for axis in range(n):
-        c = _window_counts(xs[2 + axis], ys[2 + axis], kernel[axis], strides[axis], dilations[axis],
-                           begin[axis], end[axis], include_pad)
+        c = _window_counts(
+            xs[2 + axis],
+            ys[2 + axis],
+            kernel[axis],
+            strides[axis],
+            dilations[axis],
+            begin[axis],
+            end[axis],
+            include_pad,
+        )
         shape = [1] * n
         shape[axis] = -1
         grid = grid * c.reshape(shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,8 @@ def _axes(ctx: RuleContext, node: onnx.NodeProto) -> list[int] | None:
     a = ctx.attrs(node)
     axes = a.get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
-        axes = [int(v) for v in np.atleast_1d(ctx.const_input(node, 1))]
+        value = ctx.const_input(node, 1)
+        axes = [int(v) for v in np.atleast_1d(value)] if value is not None else None
     if not axes:
         if int(a.get("noop_with_empty_axes", 0)):
             return []
@@ -56,7 +58,7 @@ def reduce_mean(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None
     dims = [shape[i] for i in axes] if shape is not None else [None]
     b = ctx.b
     if all(isinstance(d, int) for d in dims):
-        count = float(np.prod(dims)) if dims else 1.0
+        count = float(math.prod(int(d) for d in dims if isinstance(d, int)))
         return [b.op("Mul", [spread, ctx.scalar_like(x, 1.0 / count)])] + [None] * (len(node.input) - 1)
     # count at run time: ReduceProd of the reduced dims of Shape(X)
     sizes = b.op("Gather", [b.shape_of(x), b.const(np.array(axes, np.int64), "axes")], axis=0)

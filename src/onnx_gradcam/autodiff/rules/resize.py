@@ -21,8 +21,9 @@ from ._common import contract_axis
 Grads = list[str | None]
 
 
-def _axis_matrix(node: onnx.NodeProto, opset: int, n_in: int, n_out: int, scale: float | None,
-                 roi: tuple[float, float] | None) -> np.ndarray:
+def _axis_matrix(
+    node: onnx.NodeProto, opset: int, n_in: int, n_out: int, scale: float | None, roi: tuple[float, float] | None
+) -> np.ndarray:
     """M [n_out, n_in] such that resizing a vector v along this axis gives M @ v."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     attrs.pop("axes", None)
@@ -35,7 +36,8 @@ def _axis_matrix(node: onnx.NodeProto, opset: int, n_in: int, n_out: int, scale:
     else:
         inits.append(helper.make_tensor("sizes", TensorProto.INT64, [2], [n_in, n_out]))
     graph = helper.make_graph(
-        [one], "resize_matrix",
+        [one],
+        "resize_matrix",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n_in, n_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=inits,
@@ -53,8 +55,9 @@ def _const_or_none(ctx: RuleContext, node: onnx.NodeProto, index: int) -> np.nda
     return None if value is None or value.size == 0 else value
 
 
-def _replication_factors(node: onnx.NodeProto, opset: int, scales: np.ndarray | None, roi: np.ndarray | None,
-                         n_axes: int) -> list[int] | None:
+def _replication_factors(
+    node: onnx.NodeProto, opset: int, scales: np.ndarray | None, roi: np.ndarray | None, n_axes: int
+) -> list[int] | None:
     """Integer factors k when this Resize repeats every input element k times per axis
     (nearest mode, integer scales; checked on the node's own interpolation matrix), else None."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -160,7 +160,7 @@ def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         if yshape is None:
             raise ctx.unsupported(node, "an output of unknown shape")
         dims = [0 if not isinstance(d, int) else d for d in yshape]
-        new = dims[:axis] + [len(flat)] + dims[axis + idx.ndim:]
+        new = dims[:axis] + [len(flat)] + dims[axis + idx.ndim :]
         g = b.op("Reshape", [g, b.const(np.array(new, np.int64), "shape")])
     return [_scatter_axis(ctx, g, flat, dim, axis, rank, x), None]
 
