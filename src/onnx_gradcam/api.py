@@ -64,6 +64,7 @@ def prepare(
         counterfactual=counterfactual,
         guided=guided,
         target=target,
+        inplace=True,
     )
     save_model_atomic(prepared, out)
     return report

@@ -22,18 +22,20 @@ RELU_MODES = ("standard", "guided")
 class TensorInfo:
     """Static shapes, element types and prepare-time constants of a graph's tensors."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, constants_from: onnx.GraphProto | None = None) -> None:
+        """Shapes from `graph` (shape-inferred); constants from `constants_from` (default: graph)."""
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
         self.constants: dict[str, np.ndarray] = {}
+        self._lazy: dict[str, onnx.TensorProto] = {}  # converted on first use: weights stay protobuf
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
-        for init in graph.initializer:
-            arr = numpy_helper.to_array(init)
-            self.constants[init.name] = arr
-            self.shapes[init.name] = tuple(int(d) for d in arr.shape)
+        source = constants_from if constants_from is not None else graph
+        for init in source.initializer:
+            self._lazy[init.name] = init
+            self.shapes[init.name] = tuple(int(d) for d in init.dims)
             self.dtypes[init.name] = init.data_type
-        for node in graph.node:
+        for node in source.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for a in node.attribute:
                     if a.name == "value":
@@ -81,6 +83,8 @@ class TensorInfo:
     def const(self, name: str) -> np.ndarray | None:
         if name == "":
             return None
+        if name not in self.constants and name in self._lazy:
+            self.constants[name] = numpy_helper.to_array(self._lazy[name])
         return self.constants.get(name)
 
 

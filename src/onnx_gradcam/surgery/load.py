@@ -91,7 +91,11 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
     os.close(fd)
     tmp_data = None
     try:
-        if model.ByteSize() >= _TWO_GB or _has_external(model):
+        data = _serialise_small(model)
+        if data is not None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
             data_name = out.name + ".data"
             tmp_data = out.parent / f".{data_name}.tmp"
             onnx.save(
@@ -111,8 +115,6 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
             onnx.save(saved, tmp)
             if tmp_data.exists():  # small tensors stay inline; there may be no data file
                 os.replace(tmp_data, out.parent / data_name)
-        else:
-            onnx.save(model, tmp)
         os.replace(tmp, out)
     except BaseException:
         for leftover in (tmp, tmp_data):
@@ -120,6 +122,17 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> P
                 os.remove(leftover)
         raise
     return out
+
+
+def _serialise_small(model: onnx.ModelProto) -> bytes | None:
+    """The serialised model, or None when it needs external data (protobuf's 2 GB limit)."""
+    if _has_external(model):
+        return None
+    try:
+        data = model.SerializeToString()
+    except (ValueError, OverflowError):  # over protobuf's limit
+        return None
+    return data if len(data) < _TWO_GB else None
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -75,6 +75,7 @@ def prepare_model(
     counterfactual: bool = False,
     guided: bool = False,
     target: str = "class",
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
@@ -82,16 +83,17 @@ def prepare_model(
     `methods` lists CAM methods (the first gives `gradcam_map`); `counterfactual` adds the map
     of the negated gradient; `guided` adds Guided Backprop and Guided Grad-CAM. `target="seed"`
     replaces the class input by `gradcam_seed`, dL/d(reduction tensor) given by the caller, for
-    segmentation, regression, detection or any other differentiable output.
+    segmentation, regression, detection or any other differentiable output. `inplace=True`
+    lets prepare extend `model` itself instead of a copy (for callers that own it).
     """
     original_ir = model.ir_version
     work = upgrade_opset(model)
-    if work is model:
+    if work is model and not inplace:
         work = onnx.ModelProto()
         work.CopyFrom(model)
     opset = default_opset(work)
     inferred = infer_all(work)
-    info = TensorInfo(inferred.graph)
+    info = TensorInfo(inferred.graph, constants_from=work.graph)
     graph = work.graph
 
     if reduction_layer:

@@ -15,11 +15,20 @@ from .load import infer_shapes
 Dim = int | str | None
 
 
+_SMALL = 1 << 12  # initializers up to this many bytes keep their values (shape arithmetic)
+
+
 def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without stale value_info, and with invalid dims (<= 0) made symbolic."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    del work.graph.value_info[:]
+    """A light copy for inference: large initializers become typed inputs (no weights are
+    copied or serialised), no stale value_info, invalid dims (<= 0) made symbolic."""
+    g = model.graph
+    small = [t for t in g.initializer if _nbytes(t) <= _SMALL]
+    large = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if _nbytes(t) > _SMALL
+    ]
+    graph = helper.make_graph(list(g.node), g.name, [*g.input, *large], list(g.output), small)
+    work = helper.make_model(graph, opset_imports=list(model.opset_import))
+    work.ir_version = max(model.ir_version, 4)
     for vi in list(work.graph.input) + list(work.graph.output):
         for i, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value") and d.dim_value <= 0:
@@ -28,6 +37,13 @@ def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
             elif not d.HasField("dim_value") and not d.dim_param:
                 d.dim_param = f"{vi.name}_dim{i}"
     return work
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * 4
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:

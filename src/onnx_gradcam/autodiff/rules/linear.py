@@ -22,9 +22,18 @@ def _swap_last(ctx: RuleContext, name: str) -> str:
     return ctx.b.transpose(name, perm)
 
 
+def _transposed_weight(ctx: RuleContext, name: str) -> str:
+    """name with its last two axes swapped: folded for small constants, a Transpose node otherwise
+    (runtimes fold it at load; the file does not carry a second copy of a large weight)."""
+    value = ctx.info.const(name)
+    if value is not None and value.nbytes <= 1 << 16:
+        return ctx.const_like(name, np.swapaxes(value, -1, -2), "matmul_weight_t")
+    return _swap_last(ctx, name)
+
+
 def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = alpha A' B' + beta C, A' = A^T if transA, B' = B^T if transB:
-    dA' = alpha dY B'^T,  dB' = alpha A'^T dY,  dC = unbroadcast(beta dY)."""
+    dA' = alpha dY B'^T (dA = dA'^T if transA),  dB' = alpha A'^T dY,  dC = unbroadcast(beta dY)."""
     dy = dys[0]
     assert dy is not None
     a = ctx.attrs(node)
@@ -34,15 +43,11 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
     b = ctx.b
     out: Grads = [None] * len(node.input)
     if wrt[0]:
-        bv = ctx.info.const(B)
-        if bv is not None:  # fold alpha * B'^T into one constant: dA' = dY @ W
-            w = (bv.T if tb else bv).T * alpha
-            da = b.op("MatMul", [dy, ctx.const_like(B, w, "gemm_weight_t")])
+        # dA' = alpha dY B'^T is itself a Gemm of dY and B with transB flipped: no weight copy
+        if ta:
+            out[0] = b.op("Gemm", [B, dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
-            da = b.op("MatMul", [dy, B if tb else b.transpose(B, [1, 0])])
-            if alpha != 1.0:
-                da = b.op("Mul", [da, ctx.scalar_like(node.output[0], alpha)])
-        out[0] = b.transpose(da, [1, 0]) if ta else da
+            out[0] = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
     if wrt[1]:
         at = A if ta else b.transpose(A, [1, 0])
         db = b.op("MatMul", [at, dy])
@@ -66,12 +71,10 @@ def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     b = ctx.b
     da = db = None
     if wrt[0]:
-        bv = ctx.info.const(B)
-        bt = ctx.const_like(B, np.swapaxes(bv, -1, -2), "matmul_weight_t") if bv is not None else _swap_last(ctx, B)
+        bt = _transposed_weight(ctx, B)
         da = unbroadcast(ctx, b.op("MatMul", [dy, bt]), A, y)
     if wrt[1]:
-        av = ctx.info.const(A)
-        at = ctx.const_like(A, np.swapaxes(av, -1, -2), "matmul_weight_t") if av is not None else _swap_last(ctx, A)
+        at = _transposed_weight(ctx, A)
         db = unbroadcast(ctx, b.op("MatMul", [at, dy]), B, y)
     return [da, db]
 
