@@ -135,6 +135,13 @@ CASES: dict[str, list[Case]] = {
     ],
     "Conv": [
         Case(
+            "symbolic_batch",
+            [x_(rnd(2, 3, 7, 6)), c_("w", rnd(4, 3, 3, 3, seed=1))],
+            attrs={"strides": [2, 2], "pads": [1, 0, 0, 1]},
+            dtype=F32,
+            symbolic=(0,),
+        ),
+        Case(
             "stride2_pads",
             [x_(rnd(2, 3, 7, 6)), c_("w", rnd(4, 3, 3, 3, seed=1)), c_("b", rnd(4, seed=2))],
             attrs={"strides": [2, 2], "pads": [1, 0, 0, 1]},
@@ -287,6 +294,13 @@ CASES: dict[str, list[Case]] = {
         ),
         Case("same_upper", [x_(rnd(1, 2, 5, 5))], attrs={"kernel_shape": [2, 2], "auto_pad": "SAME_UPPER"}, dtype=F32),
         Case("pool1d", [x_(rnd(2, 3, 9))], attrs={"kernel_shape": [3], "strides": [2]}, dtype=F32),
+        Case(
+            "symbolic_batch",
+            [x_(rnd(2, 2, 7, 7))],
+            attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+            dtype=F32,
+            symbolic=(0,),
+        ),
     ],
     "MaxPool": [
         Case(

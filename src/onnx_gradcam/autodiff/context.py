@@ -77,6 +77,13 @@ class TensorInfo:
             return None
         return tuple(int(d) for d in s)  # type: ignore[arg-type]
 
+    def static_dims(self, name: str, start: int) -> tuple[int, ...] | None:
+        """dims[start:] when all of them are known at prepare time (the batch may stay symbolic)."""
+        s = self.shapes.get(name)
+        if s is None or not all(isinstance(d, int) for d in s[start:]):
+            return None
+        return tuple(int(d) for d in s[start:])  # type: ignore[arg-type]
+
     def dtype(self, name: str) -> int:
         return self.dtypes.get(name, TensorProto.FLOAT)
 

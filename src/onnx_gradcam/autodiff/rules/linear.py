@@ -138,7 +138,7 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
     group = int(a.get("group", 1))
     auto_pad = a.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    xs, ys = ctx.info.static_shape(x), ctx.info.static_shape(y)
+    xs, ys = ctx.info.static_dims(x, 1), ctx.info.static_dims(y, 1)  # channels and spatial dims
     if xs is None or ys is None:
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             raise ctx.unsupported(node, f"auto_pad={auto_pad} on an input of dynamic spatial size")
@@ -154,10 +154,10 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         )
         return [fit_spatial(ctx, full, x, n)] + [None] * (len(node.input) - 1)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
-        begin = same_pads(auto_pad, xs[2:], kernel, strides, dilations)
+        begin = same_pads(auto_pad, xs[1:], kernel, strides, dilations)
     else:
         begin, _ = spatial_pads(a.get("pads"), n)
-    ends, extra = conv_pads(xs[2:], ys[2:], kernel, strides, dilations, begin)
+    ends, extra = conv_pads(xs[1:], ys[1:], kernel, strides, dilations, begin)
     dx = ctx.b.op(
         "ConvTranspose",
         [dy, w],

@@ -61,7 +61,10 @@ def _pool_geometry(
     ctx: RuleContext, node: onnx.NodeProto
 ) -> tuple[tuple[int, ...], tuple[int, ...], list[int], list[int], list[int], list[int], list[int]]:
     x, y = node.input[0], node.output[0]
-    xs, ys = ctx.static_shape(x, node), ctx.static_shape(y, node)
+    xs, ys = ctx.info.static_dims(x, 1), ctx.info.static_dims(y, 1)
+    if xs is None or ys is None:
+        raise ctx.unsupported(node, f"an input of unknown channel or spatial size {ctx.info.shape(x)}")
+    xs, ys = (0, *xs), (0, *ys)  # index as [N, C, spatial...]; N is not used
     n = len(xs) - 2
     a = ctx.attrs(node)
     kernel = list(a["kernel_shape"])
