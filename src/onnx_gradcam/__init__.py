@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .api import prepare
+from .api import Explainer, ExplainResult, overlay, prepare
 from .errors import (
     BadInputError,
     LayerNotFoundError,
@@ -19,6 +19,9 @@ from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
 __all__ = [
     "__version__",
     "prepare",
+    "Explainer",
+    "ExplainResult",
+    "overlay",
     "prepare_model",
     "Preprocess",
     "PrepareReport",

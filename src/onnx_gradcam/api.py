@@ -1,4 +1,4 @@
-"""The two verbs users call from Python: prepare() and Explainer."""
+"""The two verbs users call from Python: prepare() and Explainer (plus the overlay helper)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BadInputError
+from .explain.explainer import Explainer, ExplainResult
+from .explain.overlay import overlay
 from .surgery.load import file_sha256, load_model, save_model_atomic
 from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
 
@@ -68,3 +70,6 @@ def prepare(
     )
     save_model_atomic(prepared, out)
     return report
+
+
+__all__ = ["prepare", "default_output", "Explainer", "ExplainResult", "overlay"]

@@ -1,0 +1,458 @@
+"""The `onnx-gradcam` command: prepare, layers, explain. The only module that imports click."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ._version import __version__
+from .api import Explainer, prepare
+from .errors import OnnxGradCamError
+from .explain.images import collect_inputs, load_image
+from .explain.overlay import COLORMAPS, guided_image, overlay
+from .explain.preprocess import RESAMPLE, parse_size
+from .surgery.methods import METHODS
+from .surgery.prepare import PRESETS, Preprocess
+
+EXAMPLES_PREPARE = """
+\b
+Examples:
+  onnx-gradcam prepare resnet50.onnx                  # writes resnet50.gradcam.onnx
+  onnx-gradcam prepare model.onnx -o out.onnx --feature-layer /layer3/layer3.5/relu_2/Relu_output_0
+  onnx-gradcam prepare model.onnx --method gradcam --method gradcam++ --counterfactual --guided
+  onnx-gradcam prepare segmenter.onnx --target seed   # explain any output via a gradcam_seed input
+"""
+
+
+class _Failure(click.ClickException):
+    """An OnnxGradCamError shown as one line, exit code 1."""
+
+    def show(self, file=None) -> None:  # type: ignore[no-untyped-def]
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _fail(err: Exception) -> _Failure:
+    return _Failure(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnx-gradcam")
+def main() -> None:
+    """Grad-CAM for any exported ONNX CNN, computed inside the graph.
+
+    \b
+    1. `prepare` rewrites MODEL.onnx so one forward pass also returns its Grad-CAM map.
+    2. `explain` runs a model (prepared or not) on images and writes heat-map overlays.
+    3. `layers` lists the feature maps Grad-CAM can use.
+
+    \b
+    Example:
+      onnx-gradcam explain models/demo.onnx models/samples/star.png -o demo-out
+    """
+
+
+@main.command("prepare", epilog=EXAMPLES_PREPARE)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL.gradcam.onnx beside MODEL."
+)
+@click.option(
+    "--feature-layer",
+    multiple=True,
+    help="Tensor or node name of the feature map A (repeat for several; default: the last conv feature map).",
+)
+@click.option(
+    "--reduction-layer", help="Tensor or node giving the score (default: the logits; the input of a final softmax)."
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(list(METHODS)),
+    help="CAM method; repeat for several (default gradcam).",
+)
+@click.option("--counterfactual", is_flag=True, help="Also output the counterfactual map (negated gradient).")
+@click.option(
+    "--guided",
+    is_flag=True,
+    help="Also output Guided Backprop and Guided Grad-CAM (a backward pass through the whole network).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["class", "seed"]),
+    default="class",
+    show_default=True,
+    help="'seed' adds a gradcam_seed input for segmentation, regression, detection outputs.",
+)
+@click.option(
+    "--preprocess", type=click.Choice(list(PRESETS)), help="Record this preprocessing so `explain` needs no flags."
+)
+@click.option(
+    "--expose-gradient",
+    is_flag=True,
+    help="Also output the feature map and its gradient (gradcam_features, gradcam_gradient).",
+)
+def prepare_cmd(
+    model: Path,
+    output: Path | None,
+    feature_layer: tuple[str, ...],
+    reduction_layer: str | None,
+    methods: tuple[str, ...],
+    counterfactual: bool,
+    guided: bool,
+    target: str,
+    preprocess: str | None,
+    expose_gradient: bool,
+) -> None:
+    """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
+
+    The result has every original input and output, plus an optional input `gradcam_class`
+    (int64 per sample; omitted or negative = top-1) and outputs `gradcam_map` (at the input's
+    size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`.
+    """
+    try:
+        report = prepare(
+            model,
+            output,
+            feature_layer=list(feature_layer) or None,
+            reduction_layer=reduction_layer,
+            preprocess=preprocess,
+            expose_gradient=expose_gradient,
+            methods=list(methods) or ["gradcam"],
+            counterfactual=counterfactual,
+            guided=guided,
+            target=target,
+        )
+    except OnnxGradCamError as err:
+        raise _fail(err) from None
+    out = output or Path(
+        str(model)[: -len(".onnx")] + ".gradcam.onnx" if str(model).endswith(".onnx") else str(model) + ".gradcam.onnx"
+    )
+    click.echo(f"feature layer:   {', '.join(report.feature_tensors)}")
+    click.echo(f"reduction layer: {report.reduction_tensor}")
+    click.echo(f"methods:         {', '.join(report.methods)}")
+    click.echo(f"outputs:         {', '.join(report.outputs)}")
+    click.echo(f"wrote {out}")
+
+
+@main.command("layers", epilog="\b\nExample:\n  onnx-gradcam layers resnet50.onnx")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reduction-layer", help="Score tensor to measure paths to (default: the logits).")
+@click.option("--all", "show_all", is_flag=True, help="Also list tensors that some path bypasses.")
+def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None:
+    """List the feature maps Grad-CAM can use, deepest last; `*` marks the default.
+
+    A feature map every path to the score passes through ('all paths: yes') explains the
+    whole decision; others explain only the part that flows through them.
+    """
+    from .autodiff.context import TensorInfo
+    from .surgery import layers
+    from .surgery.load import load_model, upgrade_opset
+    from .surgery.shapes import infer_all
+
+    try:
+        proto = upgrade_opset(load_model(model))
+        info = TensorInfo(infer_all(proto).graph, constants_from=proto.graph)
+        reduction = (
+            layers.resolve(proto.graph, reduction_layer, "reduction layer")
+            if reduction_layer
+            else layers.default_reduction(proto.graph, info)
+        )
+        found = layers.candidates(proto.graph, info, reduction)
+    except OnnxGradCamError as err:
+        raise _fail(err) from None
+    rows = [c for c in found if c.dominates or show_all]
+    click.echo(f"score: {reduction}")
+    width = max([len(c.name) for c in rows] + [6])
+    click.echo(f"  {'tensor':<{width}}  {'op':<20} {'shape':<24} all paths")
+    for c in rows:
+        shape = "[" + ", ".join(str(d) if d is not None else "?" for d in c.shape) + "]"
+        mark = "*" if c.default else " "
+        click.echo(f"{mark} {c.name:<{width}}  {c.op_type:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
+    if not show_all:
+        hidden = len(found) - len(rows)
+        if hidden:
+            click.echo(f"({hidden} tensors that some path bypasses are hidden; --all shows them)")
+
+
+EXAMPLES_EXPLAIN = """
+\b
+Examples:
+  onnx-gradcam explain models/demo.onnx models/samples/star.png
+  onnx-gradcam explain resnet50.gradcam.onnx photos/ -o maps --top-k 3 --labels imagenet.txt
+  onnx-gradcam explain model.onnx 'shots/**/*.jpg' --class tabby --labels labels.txt --colormap turbo
+  onnx-gradcam explain tf_model.onnx img.png --layout nhwc --preprocess symmetric --bgr
+"""
+
+
+@main.command("explain", epilog=EXAMPLES_EXPLAIN)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("gradcam-out"),
+    show_default=True,
+    help="Everything is written here, nowhere else.",
+)
+@click.option(
+    "--preprocess",
+    type=click.Choice(list(PRESETS)),
+    help="Normalisation preset (default: recorded by prepare, else imagenet).",
+)
+@click.option("--mean", help="Per-channel mean of pixels/255, e.g. 0.5,0.5,0.5 (with --std).")
+@click.option("--std", help="Per-channel std of pixels/255, e.g. 0.5,0.5,0.5 (with --mean).")
+@click.option("--size", help="Network input size HxW or S (default: the model's static size).")
+@click.option(
+    "--layout", type=click.Choice(["nchw", "nhwc"]), help="Input layout (default: detected from the input shape)."
+)
+@click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
+@click.option("--class", "target", help="Class to explain: an index, or a name with --labels (default: top-1).")
+@click.option(
+    "--labels", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Text file, one class name per line."
+)
+@click.option("--top-k", type=click.IntRange(1, 1000), help="Write one overlay per class among the K best.")
+@click.option("--method", help="Which prepared method to draw (default: the first).")
+@click.option("--colormap", type=click.Choice(list(COLORMAPS)), default="jet", show_default=True)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Weight of the heat map in the overlay.",
+)
+@click.option(
+    "--upsample",
+    type=click.Choice(list(RESAMPLE)),
+    default="bilinear",
+    show_default=True,
+    help="How the map is resized to the original image.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when onnxruntime can load it, else the CPU.",
+)
+@click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
+def explain_cmd(
+    model: Path,
+    inputs: tuple[str, ...],
+    output_dir: Path,
+    preprocess: str | None,
+    mean: str | None,
+    std: str | None,
+    size: str | None,
+    layout: str | None,
+    bgr: bool,
+    target: str | None,
+    labels: Path | None,
+    top_k: int | None,
+    method: str | None,
+    colormap: str,
+    alpha: float,
+    upsample: str,
+    batch_size: int,
+    device: str,
+    threads: int | None,
+) -> None:
+    """Explain images (files, folders, globs) with MODEL, prepared or plain.
+
+    Per image it writes an overlay PNG at the image's own size and the map as .npy; one
+    predictions.json lists file, class, label, score, probability, feature layer and method.
+    An unreadable image is reported and skipped; the exit code is then 1.
+    """
+    try:
+        label_list = _read_labels(labels) if labels else None
+        chosen = _preprocess_from_flags(preprocess, mean, std, bgr)
+        explainer = Explainer(
+            model,
+            device=device,
+            preprocess=chosen,
+            batch_size=batch_size,
+            threads=threads,
+            labels=label_list,
+            size=parse_size(size),
+            layout=layout,
+        )
+        if explainer.prepared_in_memory:
+            click.echo(
+                f"note: {model} is not prepared; preparing it in memory with the defaults "
+                f"(feature layer {explainer.feature_layer})",
+                err=True,
+            )
+        if explainer.session_info.note:
+            click.echo(explainer.session_info.note, err=True)
+        if target is not None:
+            explainer.resolve_target(target)  # fail before any work on a bad --class
+        files, problems = collect_inputs(inputs)
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        if not files:
+            raise _Failure("no images to explain: to fix this, pass image files, folders or globs")
+        sources = {f.resolve() for f in files}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        names = _output_names(files)
+        entries: list[dict[str, object]] = []
+        failed = len(problems)
+        with click.progressbar(length=len(files), label="explaining", file=sys.stderr, hidden=len(files) <= 1) as bar:
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                images, kept = [], []
+                for f in chunk:
+                    try:
+                        images.append(load_image(f))
+                        kept.append(f)
+                    except OnnxGradCamError as err:
+                        click.echo(f"\nskipped: {err}", err=True)
+                        failed += 1
+                if images:
+                    entries += _explain_chunk(
+                        explainer,
+                        images,
+                        kept,
+                        names,
+                        output_dir,
+                        sources,
+                        target,
+                        top_k,
+                        method,
+                        colormap,
+                        alpha,
+                        upsample,
+                    )
+                bar.update(len(chunk))
+        _write_text(output_dir / "predictions.json", json.dumps(entries, indent=2) + "\n", sources)
+    except OnnxGradCamError as err:
+        raise _fail(err) from None
+    click.echo(f"explained {len(files) - failed + len(problems)} of {len(files)} images; wrote {output_dir}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _explain_chunk(
+    explainer: Explainer,
+    images: list,
+    files: list[Path],
+    names: dict[Path, str],
+    out: Path,
+    sources: set[Path],
+    target: str | None,
+    top_k: int | None,
+    method: str | None,
+    colormap: str,
+    alpha: float,
+    upsample: str,
+) -> list[dict[str, object]]:
+    x = explainer.to_tensor(images)
+    results = explainer.explain_top_k(x, top_k, method) if top_k else [explainer.explain(x, target, method)]
+    entries = []
+    for rank, result in enumerate(results, start=1):
+        for i, (img, f) in enumerate(zip(images, files)):
+            cls = int(result.targets[i])
+            suffix = f".top{rank}" if top_k else ""
+            stem = f"{names[f]}.{result.method}{suffix}.c{cls}"
+            overlay_path = out / f"{stem}.png"
+            raw_path = out / f"{stem}.npy"
+            _write_png(overlay_path, overlay(img, result.maps[i], colormap, alpha, upsample), sources)
+            _write_npy(raw_path, result.raw[i], sources)
+            entry: dict[str, object] = {
+                "file": str(f),
+                "rank": rank,
+                "class": cls,
+                "label": explainer.labels[cls] if explainer.labels and 0 <= cls < len(explainer.labels) else None,
+                "score": float(result.scores[i]),
+                "probability": float(result.probabilities[i, cls]) if result.probabilities is not None else None,
+                "feature_layer": result.feature_layer,
+                "method": result.method,
+                "overlay": overlay_path.name,
+                "raw_map": raw_path.name,
+            }
+            guided = result.extra.get("gradcam_guided")
+            if guided is not None:
+                guided_path = out / f"{stem}.guided.png"
+                _write_png(guided_path, guided_image(guided[i], explainer.input.layout), sources)
+                entry["guided"] = guided_path.name
+            entries.append(entry)
+    return entries
+
+
+def _output_names(files: Sequence[Path]) -> dict[Path, str]:
+    """File stems, made unique (sub/cat.jpg and cat.png -> 'cat', 'cat-2')."""
+    names: dict[Path, str] = {}
+    used: dict[str, int] = {}
+    for f in files:
+        stem = f.stem
+        n = used.get(stem, 0) + 1
+        used[stem] = n
+        names[f] = stem if n == 1 else f"{stem}-{n}"
+    return names
+
+
+def _guard(path: Path, sources: set[Path]) -> Path:
+    if path.resolve() in sources:
+        raise _Failure(f"refusing to overwrite the input image {path}: to fix this, choose another -o folder")
+    return path
+
+
+def _write_png(path: Path, image, sources: set[Path]) -> None:  # type: ignore[no-untyped-def]
+    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_npy(path: Path, array: np.ndarray, sources: set[Path]) -> None:
+    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str, sources: set[Path]) -> None:
+    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_labels(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _preprocess_from_flags(preset: str | None, mean: str | None, std: str | None, bgr: bool) -> Preprocess | None:
+    if (mean is None) != (std is None):
+        raise _Failure(
+            "--mean and --std go together: to fix this, give both (e.g. --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5)"
+        )
+    if mean is not None and std is not None:
+        if preset:
+            raise _Failure("--preprocess and --mean/--std exclude each other: to fix this, give one of them")
+        m, s = _floats(mean, "--mean"), _floats(std, "--std")
+        if len(m) != len(s) or any(v <= 0 for v in s):
+            raise _Failure("--mean and --std need the same number of values and positive std")
+        return Preprocess(tuple(m), tuple(s), bgr)
+    if preset:
+        p = PRESETS[preset]
+        return Preprocess(p.mean, p.std, bgr)
+    if bgr:
+        return Preprocess(PRESETS["imagenet"].mean, PRESETS["imagenet"].std, True)
+    return None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise _Failure(f"{flag} {text!r} is not a list of numbers: to fix this, write e.g. 0.5,0.5,0.5") from None
+
+
+if __name__ == "__main__":
+    main()

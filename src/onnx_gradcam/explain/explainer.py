@@ -1,0 +1,276 @@
+"""Explainer: one session over a prepared model; images or arrays in, maps and predictions out."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from .._version import __version__
+from ..errors import BadInputError
+from ..surgery.load import load_model
+from ..surgery.prepare import PRESETS, Preprocess, prepare_model, read_metadata
+from .images import load_image
+from .preprocess import InputSpec, to_tensor
+from .session import create_session
+
+Target = int | str | Sequence[int | str] | None
+ImageLike = str | os.PathLike[str] | Image.Image
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    """What one explain call returns, one row per input sample.
+
+    maps: [N, H, W] float32 in [0, 1] at the network's input size; raw: [N, h, w] before
+    normalisation; targets: [N] the classes explained; scores: [N] their scores before softmax;
+    logits / probabilities: [N, K] (None for seed targets); extra: other gradcam_* outputs.
+    """
+
+    maps: np.ndarray
+    raw: np.ndarray
+    targets: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray | None
+    probabilities: np.ndarray | None
+    method: str
+    feature_layer: str
+    provider: str
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def save(self, folder: str | os.PathLike[str], names: Sequence[str] | None = None) -> list[Path]:
+        """Write each sample's normalised map as `<name>.npy` and all fields to `result.json`."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        names = list(names) if names is not None else [f"sample{i}" for i in range(len(self.maps))]
+        written = []
+        for name, m in zip(names, self.maps):
+            written.append(_atomic_npy(out / f"{name}.npy", m))
+        summary = {
+            "method": self.method,
+            "feature_layer": self.feature_layer,
+            "provider": self.provider,
+            "versions": self.versions,
+            "samples": [
+                {"name": n, "class": int(t), "score": float(s)} for n, t, s in zip(names, self.targets, self.scores)
+            ],
+        }
+        path = out / "result.json"
+        _atomic_text(path, json.dumps(summary, indent=2) + "\n")
+        return [*written, path]
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+class Explainer:
+    """Explains images with a prepared model (a plain model is prepared in memory).
+
+    One onnxruntime session, created once; `explain` may be called from several threads at
+    once (onnxruntime's run is thread-safe and the Explainer keeps no per-call state).
+
+    Example:
+        >>> exp = Explainer("model.gradcam.onnx", device="auto")
+        >>> result = exp.explain(["cat.jpg", "dog.png"])          # top-1 classes
+        >>> result.maps.shape, result.targets, result.scores
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | onnx.ModelProto,
+        device: str = "auto",
+        preprocess: str | Preprocess | None = None,
+        batch_size: int = 8,
+        threads: int | None = None,
+        labels: Sequence[str] | None = None,
+        size: tuple[int, int] | None = None,
+        layout: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise BadInputError(f"batch size {batch_size} is not positive: to fix this, give 1 or more")
+        proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+        meta = read_metadata(proto)
+        self.prepared_in_memory = "method" not in meta
+        if self.prepared_in_memory:
+            proto, _ = prepare_model(proto)
+            meta = read_metadata(proto)
+        self.metadata = meta
+        self.reduction = meta["reduction_tensor"]
+        outputs = {o.name for o in proto.graph.output}
+        if self.reduction not in outputs and meta.get("target", "class") == "class":
+            # expose the logits (the score before softmax) so results carry them
+            if isinstance(model, onnx.ModelProto):
+                copy = onnx.ModelProto()
+                copy.CopyFrom(proto)
+                proto = copy
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(self.reduction, onnx.TensorProto.FLOAT, None))
+        self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
+        self.batch_size = batch_size
+        self.labels = list(labels) if labels is not None else None
+        self.preprocess = _as_preprocess(preprocess, meta)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        image_name = meta.get("input") or self.session.get_inputs()[0].name
+        inp = next(i for i in self.session.get_inputs() if i.name == image_name)
+        self.input = InputSpec.from_shape(inp.name, list(inp.shape), layout or meta.get("input_layout"), inp.type)
+        self.size = size
+        logits_meta = next((o for o in self.session.get_outputs() if o.name == self.reduction), None)
+        k = logits_meta.shape[-1] if logits_meta is not None and logits_meta.shape else None
+        self.num_classes: int | None = k if isinstance(k, int) else None
+        self.methods: list[str] = json.loads(meta.get("methods", json.dumps([meta.get("method", "gradcam")])))
+
+    @property
+    def provider(self) -> str:
+        return self.session_info.provider
+
+    @property
+    def feature_layer(self) -> str:
+        return self.metadata.get("feature_tensor", "")
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def to_tensor(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """The model input for images (paths or PIL images), preprocessed as the CLI does."""
+        pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
+        return to_tensor(pil, self.input, self.preprocess, self.size)
+
+    def resolve_target(self, target: int | str) -> int:
+        """A class index from an index or a label name."""
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            if self.labels is None:
+                raise BadInputError(
+                    f"class {target!r} is a name but no labels were given: to fix this, pass --labels FILE"
+                )
+            if target not in self.labels:
+                raise BadInputError(
+                    f"class {target!r} is not in the labels: to fix this, use one of "
+                    f"{', '.join(self.labels[:10])}{'...' if len(self.labels) > 10 else ''}"
+                )
+            return self.labels.index(target)
+        return int(target)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def explain(
+        self,
+        inputs: Sequence[ImageLike] | np.ndarray,
+        target: Target = None,
+        method: str | None = None,
+        seed: np.ndarray | None = None,
+    ) -> ExplainResult:
+        """Explain a batch: image paths, PIL images, or a float32 array already in the model's layout.
+
+        target: None (top-1), a class index or label name for all samples, or one per sample.
+        method: one of the prepared methods (default: the first). seed: for models prepared with
+        target='seed', the gradient of your score with respect to the reduction tensor.
+        """
+        x = inputs if isinstance(inputs, np.ndarray) else self.to_tensor(inputs)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        n = len(x)
+        method = method or self.methods[0]
+        if method not in self.methods:
+            raise BadInputError(
+                f"method {method!r} was not prepared (this model has {', '.join(self.methods)}): "
+                f"to fix this, prepare it with --method {method}"
+            )
+        map_name = "gradcam_map" if method == self.methods[0] else f"gradcam_map_{method}"
+        raw_name = "gradcam_raw" if method == self.methods[0] else f"gradcam_raw_{method}"
+        classes = self._classes(target, n)
+        if self.num_classes is not None and classes.size and int(classes.max()) >= self.num_classes:
+            raise BadInputError(f"class {int(classes.max())} is out of range: the model has {self.num_classes} "
+                                f"classes (0..{self.num_classes - 1})")
+        is_seed = self.metadata.get("target", "class") == "seed"
+        if is_seed and seed is None:
+            raise BadInputError(
+                "this model was prepared with --target seed: to fix this, pass seed=... (see onnx_gradcam.seeds)"
+            )
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, n, self.batch_size):
+            feeds: dict[str, np.ndarray] = {self.input.name: x[start : start + self.batch_size]}
+            if is_seed:
+                feeds["gradcam_seed"] = np.asarray(seed, np.float32)[start : start + self.batch_size]
+            else:
+                feeds["gradcam_class"] = classes[start : start + self.batch_size]
+            values = self.session.run(None, feeds)
+            parts.append(dict(zip(self.output_names, values)))
+        got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        logits = got.get(self.reduction) if not is_seed else None
+        probs = _softmax(logits) if logits is not None and logits.ndim == 2 else None
+        extra = {k: v for k, v in got.items() if k.startswith("gradcam_") and k not in (map_name, raw_name)}
+        return ExplainResult(
+            maps=got[map_name],
+            raw=got[raw_name],
+            targets=got.get("gradcam_target", np.full(n, -1, np.int64)),
+            scores=got["gradcam_score"],
+            logits=logits,
+            probabilities=probs,
+            method=method,
+            feature_layer=self.feature_layer,
+            provider=self.provider,
+            versions=_versions(),
+            extra=extra,
+        )
+
+    def explain_top_k(
+        self, inputs: Sequence[ImageLike] | np.ndarray, k: int, method: str | None = None
+    ) -> list[ExplainResult]:
+        """One result per rank: results[r] explains each sample's (r+1)-th best class."""
+        x = inputs if isinstance(inputs, np.ndarray) else self.to_tensor(inputs)
+        first = self.explain(x, None, method)
+        if first.logits is None:
+            raise BadInputError("top-k needs class logits: to fix this, prepare the model with --target class")
+        order = np.argsort(-first.logits, axis=1)
+        k = min(k, order.shape[1])
+        return [first] + [self.explain(x, list(order[:, r]), method) for r in range(1, k)]
+
+    def _classes(self, target: Target, n: int) -> np.ndarray:
+        if target is None:
+            return np.full(n, -1, np.int64)
+        if isinstance(target, (int, str, np.integer)):
+            return np.full(n, self.resolve_target(target), np.int64)  # type: ignore[arg-type]
+        values = [self.resolve_target(t) for t in target]
+        if len(values) != n:
+            raise BadInputError(f"{len(values)} targets for {n} inputs: to fix this, give one per input or one for all")
+        return np.asarray(values, np.int64)
+
+
+def _as_preprocess(preprocess: str | Preprocess | None, meta: dict[str, str]) -> Preprocess:
+    if isinstance(preprocess, Preprocess):
+        return preprocess
+    if isinstance(preprocess, str):
+        if preprocess not in PRESETS:
+            raise BadInputError(f"unknown preprocessing {preprocess!r}: to fix this, use one of {', '.join(PRESETS)}")
+        return PRESETS[preprocess]
+    if "preprocess" in meta:
+        return Preprocess.from_json(meta["preprocess"])
+    return PRESETS["imagenet"]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"onnx_gradcam": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}

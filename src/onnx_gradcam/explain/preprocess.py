@@ -1,0 +1,82 @@
+"""From images to the model's input tensor: size, layout, channel order, normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInputError
+from ..surgery.prepare import Preprocess
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image input of a model: name, layout, channel count and static spatial size (if any)."""
+
+    name: str
+    layout: str  # "nchw" or "nhwc"
+    channels: int
+    size: tuple[int, int] | None  # (height, width), None where dynamic
+    dtype: str = "tensor(float)"
+
+    @classmethod
+    def from_shape(
+        cls, name: str, shape: Sequence[object], layout: str | None, dtype: str = "tensor(float)"
+    ) -> InputSpec:
+        if len(shape) != 4:
+            raise BadInputError(f"input {name!r} has shape {list(shape)}: `explain` takes images (rank-4 inputs)")
+        if layout is None:
+            layout = "nhwc" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "nchw"
+        c = shape[1] if layout == "nchw" else shape[3]
+        h, w = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
+        size = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
+        return cls(name, layout, c if isinstance(c, int) else 3, size, dtype)
+
+
+def to_tensor(
+    images: Sequence[Image.Image],
+    spec: InputSpec,
+    preprocess: Preprocess,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """A float32 batch in the model's layout: resized (bilinear), /255, (x - mean) / std."""
+    hw = size or spec.size
+    if hw is None:
+        raise BadInputError(
+            f"the model's input {spec.name!r} has no fixed height and width: to fix this, give --size HxW"
+        )
+    h, w = hw
+    mean = np.asarray(preprocess.mean, np.float32)
+    std = np.asarray(preprocess.std, np.float32)
+    batch = []
+    for img in images:
+        arr = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255.0
+        if preprocess.bgr:
+            arr = arr[..., ::-1]
+        if spec.channels == 1:
+            arr = arr.mean(axis=2, keepdims=True)
+            arr = (arr - mean.mean()) / std.mean()
+        else:
+            arr = (arr - mean) / std
+        batch.append(arr)
+    x = np.stack(batch).astype(np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if spec.layout == "nchw" else x)
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'224' or '224x320' (height x width) -> (h, w)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v <= 0 or v > 16384 for v in values):
+        raise BadInputError(f"--size {text!r} is not a size: to fix this, write e.g. 224 or 224x320 (height x width)")
+    return (values[0], values[-1])

@@ -1,0 +1,231 @@
+"""The explain layer: images in any mode, preprocessing, overlays, and the Explainer API."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from onnx_gradcam import BadInputError, Explainer, ProviderUnavailableError, overlay, prepare_model
+from onnx_gradcam.explain.images import collect_inputs, load_image
+from onnx_gradcam.explain.overlay import colorize, guided_image
+from onnx_gradcam.explain.preprocess import InputSpec, parse_size, to_tensor
+from onnx_gradcam.explain.session import cuda_available
+from onnx_gradcam.surgery.prepare import PRESETS, Preprocess
+
+from .conftest import cpu_session
+from .models import handmade
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = (255, 0, 0)  # red band on the left of a wide picture
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    shown = np.asarray(load_image(path))
+    assert shown.shape == (40, 20, 3)  # displayed tall
+    assert shown[:10, :, 0].mean() > 200 and shown[-10:, :, 0].mean() < 50  # red band now on top
+
+
+@pytest.mark.parametrize(
+    ("mode", "make", "expected"),
+    [
+        ("L", lambda: Image.new("L", (4, 4), 100), (100, 100, 100)),
+        ("P", lambda: Image.new("RGB", (4, 4), (10, 200, 30)).convert("P", palette=Image.ADAPTIVE), (10, 200, 30)),
+        ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), (255, 255, 255)),  # transparent -> white
+        ("I;16", lambda: Image.fromarray(np.full((4, 4), 65535 // 2, np.uint16)), (128, 128, 128)),
+    ],
+)
+def test_modes_are_converted_to_rgb(tmp_path: Path, mode: str, make, expected) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    make().save(path)
+    rgb = np.asarray(load_image(path))
+    assert rgb.dtype == np.uint8 and rgb.shape == (4, 4, 3)
+    np.testing.assert_allclose(rgb[0, 0], expected, atol=1)
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(BadInputError, match="not a readable image"):
+        load_image(bad)
+
+
+def test_collect_inputs_folders_globs_and_missing(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.jpg", "sub/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    files, problems = collect_inputs([str(tmp_path), str(tmp_path / "sub" / "*.jpg"), str(tmp_path / "nope.png")])
+    assert [f.name for f in files] == ["a.png", "b.jpg"]  # de-duplicated, text file skipped
+    assert len(problems) == 1 and "nope.png" in problems[0]
+
+
+# -- preprocessing -------------------------------------------------------------------------
+
+
+def test_imagenet_normalisation_layouts_and_bgr() -> None:
+    img = Image.new("RGB", (3, 2), (255, 128, 0))
+    spec = InputSpec("input", "nchw", 3, (2, 3))
+    x = to_tensor([img], spec, PRESETS["imagenet"])
+    expected = (np.array([255, 128, 0]) / 255.0 - np.array(PRESETS["imagenet"].mean)) / np.array(PRESETS["imagenet"].std)
+    assert x.shape == (1, 3, 2, 3)
+    np.testing.assert_allclose(x[0, :, 1, 2], expected, rtol=1e-6)
+    nhwc = to_tensor([img], InputSpec("input", "nhwc", 3, (2, 3)), PRESETS["unit"])
+    np.testing.assert_allclose(nhwc[0, 0, 0], [1.0, 128 / 255, 0.0], rtol=1e-6)
+    bgr = to_tensor([img], InputSpec("input", "nhwc", 3, (2, 3)), Preprocess((0, 0, 0), (1, 1, 1), bgr=True))
+    np.testing.assert_allclose(bgr[0, 0, 0], [0.0, 128 / 255, 1.0], rtol=1e-6)
+    raw = to_tensor([img], spec, PRESETS["none"])
+    np.testing.assert_allclose(raw[0, :, 0, 0], [255, 128, 0], rtol=1e-5)
+
+
+def test_layout_detection_and_size_parsing() -> None:
+    assert InputSpec.from_shape("x", ["N", 224, 224, 3], None).layout == "nhwc"
+    assert InputSpec.from_shape("x", ["N", 3, 224, 224], None).size == (224, 224)
+    assert InputSpec.from_shape("x", ["N", 3, "h", "w"], None).size is None
+    assert parse_size("224") == (224, 224) and parse_size("224x320") == (224, 320)
+    with pytest.raises(BadInputError, match="--size"):
+        parse_size("big")
+
+
+# -- overlays ------------------------------------------------------------------------------
+
+
+def test_jet_endpoints() -> None:
+    rgb = colorize(np.array([[0.0, 0.5, 1.0]]), "jet")
+    np.testing.assert_array_equal(rgb[0, 0], [0, 0, 128])  # dark blue
+    np.testing.assert_array_equal(rgb[0, 1], [128, 255, 128])  # green-ish middle
+    np.testing.assert_array_equal(rgb[0, 2], [128, 0, 0])  # dark red
+
+
+def test_overlay_hot_pixels_lie_where_the_map_is_high() -> None:
+    image = Image.new("RGB", (80, 60), (128, 128, 128))
+    cam = np.zeros((6, 8), np.float32)
+    cam[1, 6] = 1.0  # high near the top right
+    out = np.asarray(overlay(image, cam, "jet", 0.5)).astype(int)
+    assert out.shape == (60, 80, 3)  # at the image's own size
+    redness = out[..., 0] - out[..., 2]
+    y, x = np.unravel_index(np.argmax(redness), redness.shape)
+    assert 5 <= y <= 25 and 55 <= x <= 75
+    np.testing.assert_array_equal(np.asarray(overlay(image, cam, alpha=0.0)), np.asarray(image))
+
+
+def test_overlay_rejects_bad_alpha_and_colormap() -> None:
+    image = Image.new("RGB", (4, 4))
+    with pytest.raises(BadInputError, match="alpha"):
+        overlay(image, np.zeros((2, 2)), alpha=1.5)
+    with pytest.raises(BadInputError, match="colormap"):
+        overlay(image, np.zeros((2, 2)), colormap="rainbow-unicorn")
+
+
+def test_guided_image_is_deprocessed_like_pytorch_grad_cam() -> None:
+    g = np.random.RandomState(0).randn(3, 5, 4)
+    img = np.asarray(guided_image(g)).astype(np.float64) / 255
+    ref = np.clip((g - g.mean()) / (g.std() + 1e-5) * 0.1 + 0.5, 0, 1).transpose(1, 2, 0)
+    np.testing.assert_allclose(img, ref, atol=1 / 255)
+
+
+# -- the Explainer -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared() -> onnx.ModelProto:
+    model, _ = prepare_model(handmade())
+    return model
+
+
+def _direct(model: onnx.ModelProto, x: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+    sess = cpu_session(model.SerializeToString())
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x, "gradcam_class": classes})))
+
+
+def test_explainer_equals_a_direct_onnxruntime_run_and_batches(prepared: onnx.ModelProto) -> None:
+    x = np.random.RandomState(0).randn(5, 3, 8, 8).astype(np.float32)
+    direct = _direct(prepared, x, np.array([0, 1, 2, 0, 1], np.int64))
+    exp = Explainer(prepared, device="cpu", batch_size=2)
+    result = exp.explain(x, target=[0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(result.maps, direct["gradcam_map"])
+    np.testing.assert_array_equal(result.raw, direct["gradcam_raw"])
+    np.testing.assert_array_equal(result.logits, direct["logits"])
+    np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-6)
+    assert result.provider == "CPUExecutionProvider" and result.method == "gradcam"
+    top = Explainer(prepared, device="cpu").explain(x)
+    np.testing.assert_array_equal(top.targets, direct["logits"].argmax(1))
+
+
+def test_plain_model_is_prepared_in_memory(prepared: onnx.ModelProto) -> None:
+    x = np.random.RandomState(1).randn(2, 3, 8, 8).astype(np.float32)
+    plain = Explainer(handmade(), device="cpu")
+    assert plain.prepared_in_memory
+    np.testing.assert_array_equal(plain.explain(x).maps, Explainer(prepared, device="cpu").explain(x).maps)
+
+
+def test_explainer_is_thread_safe(prepared: onnx.ModelProto) -> None:
+    exp = Explainer(prepared, device="cpu", batch_size=3)
+    inputs = [np.random.RandomState(i).randn(4, 3, 8, 8).astype(np.float32) for i in range(8)]
+    expected = [exp.explain(x, target=i % 3).maps for i, x in enumerate(inputs)]
+    got: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i] = exp.explain(inputs[i], target=i % 3).maps
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        np.testing.assert_array_equal(got[i], expected[i])
+
+
+def test_targets_by_name_and_errors(prepared: onnx.ModelProto) -> None:
+    x = np.random.RandomState(2).randn(2, 3, 8, 8).astype(np.float32)
+    exp = Explainer(prepared, device="cpu", labels=["cat", "dog", "fox"])
+    np.testing.assert_array_equal(exp.explain(x, target="fox").targets, [2, 2])
+    with pytest.raises(BadInputError, match="not in the labels"):
+        exp.explain(x, target="wolf")
+    with pytest.raises(BadInputError, match="out of range"):
+        exp.explain(x, target=7)
+    with pytest.raises(BadInputError, match="no labels"):
+        Explainer(prepared, device="cpu").explain(x, target="fox")
+
+
+def test_top_k_explains_distinct_classes_in_order(prepared: onnx.ModelProto) -> None:
+    x = np.random.RandomState(3).randn(2, 3, 8, 8).astype(np.float32)
+    results = Explainer(prepared, device="cpu").explain_top_k(x, 3)
+    order = np.argsort(-results[0].logits, axis=1)
+    for r, res in enumerate(results):
+        np.testing.assert_array_equal(res.targets, order[:, r])
+
+
+def test_result_save_writes_maps_and_summary(prepared: onnx.ModelProto, tmp_path: Path) -> None:
+    x = np.random.RandomState(4).randn(2, 3, 8, 8).astype(np.float32)
+    result = Explainer(prepared, device="cpu").explain(x)
+    written = result.save(tmp_path / "out", ["a", "b"])
+    assert [p.name for p in written] == ["a.npy", "b.npy", "result.json"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "b.npy"), result.maps[1])
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error raised where CUDA is absent")
+def test_explicit_cuda_without_cuda_is_an_error_not_a_fallback(prepared: onnx.ModelProto) -> None:
+    with pytest.raises(ProviderUnavailableError, match="--device cpu"):
+        Explainer(prepared, device="cuda")
+    assert Explainer(prepared, device="auto").provider == "CPUExecutionProvider"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime's CUDAExecutionProvider and a GPU")
+def test_cuda_matches_cpu(prepared: onnx.ModelProto) -> None:
+    x = np.random.RandomState(5).randn(3, 3, 8, 8).astype(np.float32)
+    gpu = Explainer(prepared, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    np.testing.assert_allclose(gpu.explain(x).maps, Explainer(prepared, device="cpu").explain(x).maps, atol=1e-4)
