@@ -1,10 +1,11 @@
 """Train the bundled demo model: which shape is in a cluttered picture?
 
-    python tools/train_demo.py [--out models] [--epochs 6]
+    python tools/train_demo.py [--out models] [--epochs 8]
 
-Synthetic data (fixed seeds): each RGB image (drawn at 96-288 px, resized to 96) holds ONE object — circle, square, triangle
-or star — of random colour, size and position, on clutter (lines, blobs, colour gradients) drawn
-from the same distribution for every class, so only the object tells the class. A small CNN
+Synthetic data (fixed seeds): each RGB image, drawn at 96-288 px and resized to 96, holds ONE
+object — circle, square, triangle or star — of random colour, size and position, on clutter
+(lines, blobs, colour gradients) drawn from the same distribution for every class, so only the
+object tells the class. A small CNN
 (4 conv blocks, last feature map 12x12, global average pooling, one linear layer) learns it on
 2 CPU threads in a few minutes. Exported with the TorchScript exporter, opset 17, dynamic batch,
 ImageNet preprocessing (onnx-gradcam's default preset), so `onnx-gradcam explain` needs no flags.
@@ -77,7 +78,10 @@ def draw_sample(rs: np.random.RandomState, cls: int, w: int = SIZE, h: int = SIZ
         pts = [(cx + r * math.cos(rot + k * math.pi / 2), cy + r * math.sin(rot + k * math.pi / 2)) for k in range(4)]
         d.polygon(pts, fill=fill, outline=outline, width=max(1, int(2 * scale)))
     elif CLASSES[cls] == "triangle":
-        pts = [(cx + r * math.cos(rot + k * 2 * math.pi / 3), cy + r * math.sin(rot + k * 2 * math.pi / 3)) for k in range(3)]
+        pts = [
+            (cx + r * math.cos(rot + k * 2 * math.pi / 3), cy + r * math.sin(rot + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
         d.polygon(pts, fill=fill, outline=outline, width=max(1, int(2 * scale)))
     else:
         d.polygon(_star(cx, cy, r * 1.2, rot), fill=fill, outline=outline, width=max(1, int(2 * scale)))
@@ -113,8 +117,13 @@ def build_model():  # -> torch.nn.Module
         return layers + ([nn.MaxPool2d(2)] if pool else [])
 
     return nn.Sequential(
-        *block(3, 24, True), *block(24, 48, True), *block(48, 64, True), *block(64, 96, False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, len(CLASSES)),
+        *block(3, 24, True),
+        *block(24, 48, True),
+        *block(48, 64, True),
+        *block(64, 96, False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(96, len(CLASSES)),
     )
 
 
@@ -130,7 +139,7 @@ def write_samples(out: Path, predict) -> None:  # type: ignore[no-untyped-def]
         name = f"{CLASSES[cls]}.png"
         img.save(samples / name)
         pred = predict(to_input(img)[None])
-        print(f"sample {name}: {side}x{side}, box {big_box}, predicted {CLASSES[pred]}")
+        print(f"sample {name}: {w}x{h}, box {big_box}, predicted {CLASSES[pred]}")
         if pred != cls:
             raise SystemExit(f"the model misclassifies {name}: change the sample seed")
         boxes[name] = {"class": CLASSES[cls], "box": big_box}
@@ -174,9 +183,16 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "demo.onnx"
-    torch.onnx.export(model, torch.from_numpy(x_test[:1]), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        torch.from_numpy(x_test[:1]),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, 8)
     proto.producer_name = "onnx-gradcam tools/train_demo.py"
