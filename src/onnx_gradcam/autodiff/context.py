@@ -28,6 +28,7 @@ class TensorInfo:
         self.dtypes: dict[str, int] = {}
         self.constants: dict[str, np.ndarray] = {}
         self._lazy: dict[str, onnx.TensorProto] = {}  # converted on first use: weights stay protobuf
+        self.folded: dict[str, list[int]] = {}  # integer values shape subgraphs compute
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
         source = constants_from if constants_from is not None else graph
@@ -137,6 +138,8 @@ class RuleContext:
         if index >= len(node.input) or node.input[index] == "":
             return None
         value = self.info.const(node.input[index])
+        if value is None and node.input[index] in self.info.folded:
+            value = np.array(self.info.folded[node.input[index]], np.int64)
         if value is None:
             raise self.unsupported(node, f"input {index} ({node.input[index]!r}) that is not a constant")
         return value

@@ -7,6 +7,7 @@ differentiable path from the input to the score passes through: the last conv fe
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 
 import onnx
@@ -168,6 +169,25 @@ def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str])
     return tail
 
 
+def _after_global_pooling(
+    nodes: list[onnx.NodeProto], info: TensorInfo, source: str, reduction: str, on_path: set[str]
+) -> set[str]:
+    """Tensors after the first 1x1 (globally pooled) tensor that every path passes through:
+    reshaped or transposed copies of pooled features (e.g. channels-last [N, 1, 1, C] around a
+    LayerNorm) are not spatial feature maps, whatever their last axes look like."""
+    for node in nodes:
+        for out in node.output:
+            shape = info.shape(out)
+            if out not in on_path or shape is None or len(shape) < 3:
+                continue
+            spatial = [d for d in shape[2:] if isinstance(d, int)]
+            if len(spatial) != len(shape) - 2 or math.prod(spatial) != 1:
+                continue
+            if _dominates(nodes, [source], out, reduction):
+                return forward_reachable(nodes, [out]) - {out}
+    return set()
+
+
 def candidates(
     graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True
 ) -> list[Candidate]:
@@ -186,10 +206,11 @@ def candidates(
             f"the reduction tensor {reduction!r} does not depend differentiably on the input {source!r}: "
             "to fix this, choose another --reduction-layer"
         )
+    pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
     found: list[tuple[str, onnx.NodeProto, tuple[int | str | None, ...]]] = []
     for node in nodes:
         for out in node.output:
-            if out not in fwd or out not in bwd or out == reduction:
+            if out not in fwd or out not in bwd or out == reduction or out in pooled:
                 continue
             shape = info.shape(out)
             if shape is None or len(shape) < 3 or info.dtype(out) not in _FLOAT_TYPES:

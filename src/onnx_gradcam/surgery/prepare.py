@@ -19,7 +19,7 @@ from ..autodiff.context import RuleContext, TensorInfo
 from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
 from .load import default_opset, min_ir_version, upgrade_opset
-from .shapes import infer_all
+from .shapes import folded_constants, infer_all
 
 META_PREFIX = "gradcam."
 
@@ -94,6 +94,7 @@ def prepare_model(
     opset = default_opset(work)
     inferred = infer_all(work)
     info = TensorInfo(inferred.graph, constants_from=work.graph)
+    info.folded = folded_constants(inferred)
     graph = work.graph
 
     if reduction_layer:

@@ -7,6 +7,8 @@ which onnx's data propagation does not follow; we fold such 1-D shape values sym
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import helper, numpy_helper
 
@@ -89,12 +91,35 @@ def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | Non
             if all(isinstance(v, int) for v in bounds):  # 1-D values: one axis
                 start, stop, step = (int(v) for v in bounds)  # type: ignore[arg-type]
                 out = ins[0][start:stop:step]
+        elif op in ("Mul", "Div", "Add", "Sub") and len(ins) == 2 and ins[0] is not None and ins[1] is not None:
+            out = _arith(op, ins[0], ins[1])
         elif op == "Gather" and ins and ins[0] is not None and ins[1] is not None:
             if all(isinstance(v, int) for v in ins[1]):  # type: ignore[union-attr]
                 out = [ins[0][int(i)] for i in ins[1]]  # type: ignore[index, arg-type]
         if out is not None:
             values[node.output[0]] = out
     return values
+
+
+def _arith(op: str, a: list[Dim], b: list[Dim]) -> list[Dim] | None:
+    """Element-wise integer arithmetic on folded values (scalars broadcast); None if unknown."""
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    xs, ys = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+    out: list[Dim] = []
+    for x, y in zip(xs, ys):
+        if not isinstance(x, int) or not isinstance(y, int):
+            out.append(None)
+        elif op == "Mul":
+            out.append(x * y)
+        elif op == "Add":
+            out.append(x + y)
+        elif op == "Sub":
+            out.append(x - y)
+        else:
+            out.append(x // y if y else None)  # integer Div truncates; shape values are positive
+    return out
 
 
 def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int) -> list[Dim]:
@@ -106,13 +131,12 @@ def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int
             dims.append(d)
     if -1 in dims:
         known = [d for d in dims if d != -1]
-        if in_dims is not None and all(isinstance(d, int) for d in in_dims) and all(isinstance(d, int) for d in known):
-            total = 1
-            for d in in_dims:
-                total *= int(d)  # type: ignore[arg-type]
-            rest = 1
-            for d in known:
-                rest *= int(d)  # type: ignore[arg-type]
+        # -1 is determined when the symbolic dims on both sides are the same (e.g. the batch)
+        sym_in = sorted(str(d) for d in (in_dims or []) if not isinstance(d, int))
+        sym_out = sorted(str(d) for d in known if not isinstance(d, int))
+        if in_dims is not None and None not in in_dims and None not in known and sym_in == sym_out:
+            total = math.prod(int(d) for d in in_dims if isinstance(d, int))
+            rest = math.prod(int(d) for d in known if isinstance(d, int))
             dims[dims.index(-1)] = total // rest if rest else None
         else:
             dims[dims.index(-1)] = None
@@ -126,6 +150,8 @@ def _hinted_dims(
     if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in values:
         allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
         return _reshape_result(shapes.get(node.input[0]), values[node.input[1]], allowzero)
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        return _slice_dims(node, values, shapes)
     if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] in values:
         if any(a.name == "axes" for a in node.attribute):
             return None
@@ -133,36 +159,79 @@ def _hinted_dims(
     return None
 
 
-def infer_all(model: onnx.ModelProto, rounds: int = 3) -> onnx.ModelProto:
-    """Shape-inferred copy of `model`, with Reshape targets folded from shape subgraphs."""
+def infer_all(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto:
+    """Shape-inferred copy of `model`, with Reshape/Resize shapes folded from shape subgraphs.
+
+    Each round lets onnx propagate the shapes folded so far (a chain of reshapes, as in
+    ShuffleNet's channel shuffles, resolves one link per round); it stops when nothing improves.
+    """
     work = _sanitised(model)
     inferred = infer_shapes(work)
+    hints: dict[str, onnx.ValueInfoProto] = {}
     for _ in range(rounds):
         graph = inferred.graph
         shapes = {vi.name: _dims(vi) for vi in [*graph.input, *graph.value_info, *graph.output]}
         for init in graph.initializer:
             shapes[init.name] = list(init.dims)
         values = _fold_shape_values(inferred, shapes)
-        hints: list[onnx.ValueInfoProto] = []
+        elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input]}
+        improved = False
         for node in graph.node:
             dims = _hinted_dims(node, values, shapes)
             if dims is None:
                 continue
             current = shapes.get(node.output[0])
-            if current is not None and len(current) == len(dims) and all(d is not None for d in current):
+            if current is not None and len(current) == len(dims) and _known(current) >= _known(dims):
                 continue
-            elem = next(
-                (vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input] if vi.name == node.input[0]),
-                onnx.TensorProto.FLOAT,
-            )
-            named = [d if d is not None else f"{node.output[0]}_d{i}" for i, d in enumerate(dims)]
-            hints.append(helper.make_tensor_value_info(node.output[0], elem, named))
-        if not hints:
+            elem = elem_types.get(node.input[0], onnx.TensorProto.FLOAT)
+            hints[node.output[0]] = helper.make_tensor_value_info(node.output[0], elem, dims)
+            improved = True
+        if not improved:
             break
-        hinted = {h.name for h in hints}
         fresh = onnx.ModelProto()
         fresh.CopyFrom(work)
-        fresh.graph.value_info.extend(hints)
+        fresh.graph.value_info.extend(hints.values())
         inferred = infer_shapes(fresh)
-        work.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in hinted)
     return inferred
+
+
+def _slice_dims(
+    node: onnx.NodeProto, values: dict[str, list[Dim]], shapes: dict[str, list[Dim] | None]
+) -> list[Dim] | None:
+    """Output dims of a Slice whose bounds fold to integers (torch's chunk/split exports)."""
+    in_dims = shapes.get(node.input[0])
+    operands = [values.get(node.input[k]) if k < len(node.input) and node.input[k] else None for k in range(1, 5)]
+    starts, ends, axes, steps = operands
+    if in_dims is None or starts is None or ends is None:
+        return None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    bounds = [_ints(v) for v in (starts, ends, axes, steps)]
+    if any(b is None for b in bounds):
+        return None
+    out = list(in_dims)
+    for st, en, ax, sp in zip(*bounds):  # type: ignore[call-overload]
+        ax %= len(in_dims)
+        dim = in_dims[ax]
+        if not isinstance(dim, int):
+            return None
+        out[ax] = len(range(*slice(st, en, sp).indices(dim)))
+    return out
+
+
+def _ints(values: list[Dim]) -> list[int] | None:
+    """The values as ints, or None if any is symbolic or unknown."""
+    return [v for v in values if isinstance(v, int)] if all(isinstance(v, int) for v in values) else None
+
+
+def _known(dims: list[Dim]) -> int:
+    return sum(d is not None for d in dims)
+
+
+def folded_constants(inferred: onnx.ModelProto) -> dict[str, list[int]]:
+    """Integer tensors that shape subgraphs compute, where every value is known at prepare time
+    (e.g. a Slice's bounds from Shape(x)[1] // 2, as torch's chunk exports them)."""
+    graph = inferred.graph
+    shapes = {vi.name: _dims(vi) for vi in [*graph.input, *graph.value_info, *graph.output]}
+    values = _fold_shape_values(inferred, shapes)
+    return {k: ints for k, v in values.items() if (ints := _ints(v)) is not None}
