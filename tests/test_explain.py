@@ -76,7 +76,9 @@ def test_imagenet_normalisation_layouts_and_bgr() -> None:
     img = Image.new("RGB", (3, 2), (255, 128, 0))
     spec = InputSpec("input", "nchw", 3, (2, 3))
     x = to_tensor([img], spec, PRESETS["imagenet"])
-    expected = (np.array([255, 128, 0]) / 255.0 - np.array(PRESETS["imagenet"].mean)) / np.array(PRESETS["imagenet"].std)
+    expected = (np.array([255, 128, 0]) / 255.0 - np.array(PRESETS["imagenet"].mean)) / np.array(
+        PRESETS["imagenet"].std
+    )
     assert x.shape == (1, 3, 2, 3)
     np.testing.assert_allclose(x[0, :, 1, 2], expected, rtol=1e-6)
     nhwc = to_tensor([img], InputSpec("input", "nhwc", 3, (2, 3)), PRESETS["unit"])

@@ -196,8 +196,10 @@ class Explainer:
         raw_name = "gradcam_raw" if method == self.methods[0] else f"gradcam_raw_{method}"
         classes = self._classes(target, n)
         if self.num_classes is not None and classes.size and int(classes.max()) >= self.num_classes:
-            raise BadInputError(f"class {int(classes.max())} is out of range: the model has {self.num_classes} "
-                                f"classes (0..{self.num_classes - 1})")
+            raise BadInputError(
+                f"class {int(classes.max())} is out of range: the model has {self.num_classes} "
+                f"classes (0..{self.num_classes - 1})"
+            )
         is_seed = self.metadata.get("target", "class") == "seed"
         if is_seed and seed is None:
             raise BadInputError(

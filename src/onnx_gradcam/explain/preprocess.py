@@ -11,7 +11,11 @@ from PIL import Image
 from ..errors import BadInputError
 from ..surgery.prepare import Preprocess
 
-RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def to_tensor(
     std = np.asarray(preprocess.std, np.float32)
     batch = []
     for img in images:
-        arr = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), np.float32) / 255.0
+        arr = np.asarray(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), np.float32) / 255.0
         if preprocess.bgr:
             arr = arr[..., ::-1]
         if spec.channels == 1:
