@@ -190,3 +190,48 @@ def test_guided_backprop_for_the_whole_batch(name: str, tmp_path: Path) -> None:
         expected = got["gradcam_guided_backprop"][i] * got["gradcam_map"][i][None]
         np.testing.assert_allclose(got["gradcam_guided"][i], expected, rtol=1e-6, atol=1e-12)
     assert not np.allclose(got["gradcam_guided_backprop"][0], got["gradcam_guided_backprop"][1])
+
+
+def test_several_feature_layers_give_one_map_each_and_their_mean(tmp_path: Path) -> None:
+    src = export("resnet18", CACHE)
+    import onnx
+
+    nodes = onnx.load(str(src), load_external_data=False).graph.node
+    layer3 = [n for n in nodes if n.name.startswith("/layer3/")][-1].output[0]
+    layer4 = [n for n in nodes if n.name.startswith("/layer4/")][-1].output[0]
+    out = tmp_path / "two_layers.onnx"
+    report = prepare(src, out, feature_layer=[layer3, layer4])
+    assert report.feature_tensors == (layer3, layer4)
+    x = np.random.RandomState(2).rand(2, 3, 224, 224).astype(np.float32)
+    sess = cpu_session(out.read_bytes())
+    got = dict(
+        zip(
+            [o.name for o in sess.get_outputs()],
+            sess.run(None, {"input": x, "gradcam_class": np.array(CLASSES, np.int64)}),
+        )
+    )
+    net = _net("resnet18")
+    store: dict[str, object] = {}
+    for name, module in (("l3", net.layer3), ("l4", net.layer4)):
+
+        def hook(_m, _i, o, name=name):  # type: ignore[no-untyped-def]
+            store[name] = o
+            o.register_hook(lambda grad, name=name: store.__setitem__(name + "g", grad))
+
+        module.register_forward_hook(hook)
+    net(torch.from_numpy(x))[torch.arange(2), torch.tensor(CLASSES)].sum().backward()
+    maps = []
+    for j, name in enumerate(("l3", "l4")):
+        a = store[name].detach().numpy()  # type: ignore[union-attr]
+        g = store[name + "g"].numpy()  # type: ignore[union-attr]
+        raw = np.maximum(numpy_method("gradcam", a, g), 0)
+        assert rel_err(got[f"gradcam_raw_layer{j}"], raw) < 1e-4
+        maps.append(got[f"gradcam_map_layer{j}"])
+        for i in range(2):
+            up = _resize(raw[i], 224)
+            if up.max() > up.min():
+                assert _corr(got[f"gradcam_map_layer{j}"][i], (up - up.min()) / (up.max() - up.min())) > 0.9999
+    mean = (maps[0] + maps[1]) / 2
+    for i in range(2):  # gradcam_map = the per-layer normalised maps' mean, normalised again
+        expected = (mean[i] - mean[i].min()) / (mean[i].max() - mean[i].min())
+        np.testing.assert_allclose(got["gradcam_map"][i], expected, atol=1e-5)
