@@ -14,6 +14,7 @@ from .errors import (
     ProviderUnavailableError,
     UnsupportedOpError,
 )
+from .explain.seeds import box_seed, class_seed, output_seed, region_seed
 from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "Explainer",
     "ExplainResult",
     "overlay",
+    "class_seed",
+    "region_seed",
+    "box_seed",
+    "output_seed",
     "prepare_model",
     "Preprocess",
     "PrepareReport",

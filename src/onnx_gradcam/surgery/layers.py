@@ -202,6 +202,7 @@ def candidates(
     fwd = forward_reachable(nodes, [source])
     bwd = backward_reachable(nodes, [reduction])
     if reduction not in fwd:
+        check_differentiable(graph, source, reduction)  # names a non-differentiable op, if one is the cause
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} does not depend differentiably on the input {source!r}: "
             "to fix this, choose another --reduction-layer"
@@ -274,7 +275,7 @@ def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -
         and any(i in fwd for i in n.input)
         and not any(o in fwd for o in n.output if o)
     ]
-    node = blockers[0] if blockers else None
+    node = blockers[-1] if blockers else None  # the one nearest the score
     before = [i for i in (node.input if node is not None else []) if i in fwd]
     where = (
         f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
