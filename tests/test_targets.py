@@ -311,7 +311,7 @@ def test_detection_box_map_equals_autograd_and_peaks_in_the_box(tmp_path: Path) 
     store = hooked(det.backbone)
     pred = det(torch.from_numpy(xt))
     (pred * torch.from_numpy(seed)).sum().backward()
-    a, g = store["a"].detach().numpy(), store["g"].numpy()  # type: ignore[union-attr]
+    g = store["g"].numpy()  # type: ignore[union-attr]
     assert rel_err(got["gradcam_gradient"], g) < 1e-4
     for i, (_cell, _cls, x0, y0, x1) in enumerate(boxes):
         py, px = np.unravel_index(np.argmax(got["gradcam_map"][i]), (32, 32))

@@ -99,7 +99,7 @@ def output_seed(shape: Sequence[int], index: int | Sequence[int], batch: int = 1
     seed = np.zeros(full, np.float32)
     idx = (index,) if isinstance(index, int) else tuple(index)
     try:
-        seed[(slice(None), *idx)] = 1.0
+        seed[(slice(None),) + idx] = 1.0  # type: ignore[index]
     except IndexError:
         raise BadInputError(f"output {index} is out of range for outputs shaped {list(full[1:])}") from None
     return seed
