@@ -404,3 +404,96 @@ def test_volume_map_has_the_input_shape_and_equals_autograd(tmp_path: Path) -> N
     model(torch.from_numpy(x))[[0, 1], [0, 2]].sum().backward()
     a, g = store["a"].detach().numpy(), store["g"].numpy()  # type: ignore[union-attr]
     assert rel_err(got["gradcam_raw"], gradcam_reference(a, g)) < 1e-4
+
+
+# -- the command line for seeds and signals ------------------------------------------------
+
+
+def test_cli_region_box_and_signals_match_direct_runs(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from onnx_gradcam.cli import main
+
+    torch.manual_seed(0)
+    seg = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)
+    ).eval()
+    x = np.random.RandomState(0).rand(1, 3, 32, 32).astype(np.float32)
+    src = export(seg, x, tmp_path / "seg.onnx")
+    prepared = tmp_path / "seg.gradcam.onnx"
+    assert (
+        CliRunner()
+        .invoke(main, ["prepare", str(src), "-o", str(prepared), "--target", "seed", "--preprocess", "unit"])
+        .exit_code
+        == 0
+    )
+    picture = tmp_path / "pic.png"
+    Image.fromarray((x[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)).resize((64, 64)).save(picture)
+    res = CliRunner().invoke(
+        main,
+        ["explain", str(prepared), str(picture), "-o", str(tmp_path / "o"), "--class", "2", "--region", "16,8,48,40"],
+    )
+    assert res.exit_code == 0, res.stderr
+    (entry,) = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert entry["class"] == 2
+    # the same seed by hand: the region in image pixels (64 px) is 8..24 x 4..20 at the 32 px output
+    from onnx_gradcam import Explainer
+
+    exp = Explainer(prepared, device="cpu")
+    xin = exp.to_tensor([Image.open(picture)])
+    direct = exp.explain(xin, seed=region_seed([1, 3, 32, 32], 2, (8, 4, 24, 20)))
+    np.testing.assert_allclose(np.load(tmp_path / "o" / entry["raw_map"]), direct.raw[0], rtol=1e-6)
+    res = CliRunner().invoke(main, ["explain", str(prepared), str(picture), "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "--class K" in res.stderr
+
+    det = TinyDetector().eval()
+    xd = np.random.RandomState(1).rand(1, 3, 32, 32).astype(np.float32)
+    dsrc = export(det, xd, tmp_path / "det.onnx", output="raw")
+    dprep = tmp_path / "det.gradcam.onnx"
+    prepare(dsrc, dprep, target="seed", preprocess="unit")
+    dpic = tmp_path / "det.png"
+    Image.fromarray((xd[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(dpic)
+    res = CliRunner().invoke(
+        main, ["explain", str(dprep), str(dpic), "-o", str(tmp_path / "d"), "--box-index", "5", "--class", "1"]
+    )
+    assert res.exit_code == 0, res.stderr
+    (entry,) = json.loads((tmp_path / "d" / "predictions.json").read_text())
+    dexp = Explainer(dprep, device="cpu")
+    direct = dexp.explain(dexp.to_tensor([Image.open(dpic)]), seed=box_seed([1, 16, 7], 5, 1))
+    np.testing.assert_allclose(np.load(tmp_path / "d" / entry["raw_map"]), direct.raw[0], rtol=1e-6)
+
+    seq = nn.Sequential(
+        nn.Conv1d(2, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
+    xs = np.random.RandomState(2).randn(1, 2, 50).astype(np.float32)
+    ssrc = export(seq, xs, tmp_path / "seq.onnx", output="logits")
+    np.save(tmp_path / "a.npy", xs[0])
+    np.savetxt(tmp_path / "b.csv", xs[0].T, delimiter=",")  # one column per channel
+    res = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(ssrc),
+            str(tmp_path / "a.npy"),
+            str(tmp_path / "b.csv"),
+            "-o",
+            str(tmp_path / "s"),
+            "--class",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.stderr
+    entries = json.loads((tmp_path / "s" / "predictions.json").read_text())
+    direct = Explainer(ssrc, device="cpu").explain(xs, target=1)
+    for e in entries:
+        assert Image.open(tmp_path / "s" / e["overlay"]).size[0] == 800  # the signal plot
+        np.testing.assert_allclose(np.load(tmp_path / "s" / e["raw_map"]), direct.raw[0], rtol=1e-5)

@@ -17,6 +17,8 @@ from .errors import OnnxGradCamError
 from .explain.images import collect_inputs, load_image
 from .explain.overlay import COLORMAPS, guided_image, overlay
 from .explain.preprocess import RESAMPLE, parse_size
+from .explain.seeds import box_seed, output_seed, region_seed
+from .explain.signals import SIGNAL_SUFFIXES, load_signal, plot_signal
 from .surgery.methods import METHODS
 from .surgery.prepare import PRESETS, Preprocess
 
@@ -219,6 +221,15 @@ Examples:
     "--labels", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Text file, one class name per line."
 )
 @click.option("--top-k", type=click.IntRange(1, 1000), help="Write one overlay per class among the K best.")
+@click.option(
+    "--region",
+    help="Models prepared with --target seed: explain --class K summed over 'all', a mask PNG, or x0,y0,x1,y1 in image pixels.",
+)
+@click.option(
+    "--box-index",
+    type=click.IntRange(0),
+    help="Models prepared with --target seed, detection heads [N, boxes, 5 + classes]: explain box I's --class score.",
+)
 @click.option("--method", help="Which prepared method to draw (default: the first).")
 @click.option("--colormap", type=click.Choice(list(COLORMAPS)), default="jet", show_default=True)
 @click.option(
@@ -257,6 +268,8 @@ def explain_cmd(
     target: str | None,
     labels: Path | None,
     top_k: int | None,
+    region: str | None,
+    box_index: int | None,
     method: str | None,
     colormap: str,
     alpha: float,
@@ -269,7 +282,9 @@ def explain_cmd(
 
     Per image it writes an overlay PNG at the image's own size and the map as .npy; one
     predictions.json lists file, class, label, score, probability, feature layer and method.
-    An unreadable image is reported and skipped; the exit code is then 1.
+    An unreadable image is reported and skipped; the exit code is then 1. Models of 1-D
+    signals ([N, C, T] inputs) take .npy or .csv files and get a plot of the signal with its map.
+    Models prepared with --target seed explain --class over --region, or a detection --box-index.
     """
     try:
         label_list = _read_labels(labels) if labels else None
@@ -294,7 +309,8 @@ def explain_cmd(
             click.echo(explainer.session_info.note, err=True)
         if target is not None:
             explainer.resolve_target(target)  # fail before any work on a bad --class
-        files, problems = collect_inputs(inputs)
+        seeds = _SeedSpec(explainer, target, region, box_index)
+        files, problems = collect_inputs(inputs, SIGNAL_SUFFIXES if explainer.input.is_signal else None)
         for p in problems:
             click.echo(f"error: {p}", err=True)
         if not files:
@@ -310,7 +326,7 @@ def explain_cmd(
                 images, kept = [], []
                 for f in chunk:
                     try:
-                        images.append(load_image(f))
+                        images.append(load_signal(f) if explainer.input.is_signal else load_image(f))
                         kept.append(f)
                     except OnnxGradCamError as err:
                         click.echo(f"\nskipped: {err}", err=True)
@@ -329,6 +345,7 @@ def explain_cmd(
                         colormap,
                         alpha,
                         upsample,
+                        seeds,
                     )
                 bar.update(len(chunk))
         _write_text(output_dir / "predictions.json", json.dumps(entries, indent=2) + "\n", sources)
@@ -337,6 +354,68 @@ def explain_cmd(
     click.echo(f"explained {len(files) - failed + len(problems)} of {len(files)} images; wrote {output_dir}", err=True)
     if failed:
         sys.exit(1)
+
+
+class _SeedSpec:
+    """What a --target seed model is asked: a class over a region, or one box's class score."""
+
+    def __init__(self, explainer: Explainer, target: str | None, region: str | None, box_index: int | None) -> None:
+        self.active = explainer.metadata.get("target", "class") == "seed"
+        self.cls = -1
+        if not self.active:
+            if region is not None or box_index is not None:
+                raise _Failure(
+                    "--region and --box-index need a model prepared with --target seed: to fix this, "
+                    "run onnx-gradcam prepare MODEL --target seed"
+                )
+            return
+        if target is None:
+            raise _Failure(
+                "this model was prepared with --target seed: to fix this, give --class K (with --region or --box-index)"
+            )
+        self.cls = explainer.resolve_target(target)
+        self.region, self.box_index = region, box_index
+        self.explainer = explainer
+        meta = next(o for o in explainer.session.get_inputs() if o.name == "gradcam_seed")
+        self.shape = list(meta.shape)
+
+    def build(self, images: list, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        """One seed per image; symbolic output sizes are taken as the network input's."""
+        shape = [d if isinstance(d, int) else None for d in self.shape]
+        spatial = x.shape[2:] if self.explainer.input.layout in ("nchw", "nct") else x.shape[1:-1]
+        for k in range(2, len(shape)):
+            if shape[k] is None and len(shape) - 2 == len(spatial):
+                shape[k] = int(spatial[k - 2])
+        if any(d is None for d in shape[1:]):
+            raise _Failure(
+                f"the seed's shape {self.shape} is only known when running: to fix this, use the Python "
+                "API (Explainer.explain(..., seed=...))"
+            )
+        rows = []
+        for img in images:
+            one = [1, *[int(d) for d in shape[1:] if d is not None]]
+            if self.box_index is not None:
+                rows.append(box_seed(one, self.box_index, self.cls))
+            elif len(one) == 2:
+                rows.append(output_seed(one, self.cls))
+            else:
+                rows.append(region_seed(one, self.cls, self._mask(img, one)))
+        return np.concatenate(rows)
+
+    def _mask(self, img, shape: list[int]):  # type: ignore[no-untyped-def]
+        h, w = shape[-2], shape[-1]
+        if self.region in (None, "all"):
+            return (0, 0, w, h)
+        assert self.region is not None
+        if Path(self.region).suffix.lower() in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+            return np.asarray(load_image(self.region).convert("L")) > 127
+        try:
+            x0, y0, x1, y1 = (float(v) for v in self.region.split(","))
+        except ValueError:
+            raise _Failure(f"--region {self.region!r}: to fix this, give all, a mask PNG, or x0,y0,x1,y1") from None
+        iw, ih = img.size  # image pixels -> output pixels
+        left, top = int(x0 * w / iw), int(y0 * h / ih)
+        return (left, top, max(int(round(x1 * w / iw)), left + 1), max(int(round(y1 * h / ih)), top + 1))
 
 
 def _explain_chunk(
@@ -352,18 +431,29 @@ def _explain_chunk(
     colormap: str,
     alpha: float,
     upsample: str,
+    seeds: _SeedSpec,
 ) -> list[dict[str, object]]:
-    x = explainer.to_tensor(images)
-    results = explainer.explain_top_k(x, top_k, method) if top_k else [explainer.explain(x, target, method)]
+    x = np.stack(images).astype(np.float32) if explainer.input.is_signal else explainer.to_tensor(images)
+    if seeds.active:
+        results = [explainer.explain(x, None, method, seed=seeds.build(images, x))]
+    elif top_k:
+        results = explainer.explain_top_k(x, top_k, method)
+    else:
+        results = [explainer.explain(x, target, method)]
     entries = []
     for rank, result in enumerate(results, start=1):
         for i, (img, f) in enumerate(zip(images, files)):
-            cls = int(result.targets[i])
-            suffix = f".top{rank}" if top_k else ""
+            cls = seeds.cls if seeds.active else int(result.targets[i])
+            suffix = f".top{rank}" if top_k and not seeds.active else ""
             stem = f"{names[f]}.{result.method}{suffix}.c{cls}"
             overlay_path = out / f"{stem}.png"
             raw_path = out / f"{stem}.npy"
-            _write_png(overlay_path, overlay(img, result.maps[i], colormap, alpha, upsample), sources)
+            picture = (
+                plot_signal(img, result.maps[i], colormap)
+                if explainer.input.is_signal
+                else overlay(img, result.maps[i], colormap, alpha, upsample)
+            )
+            _write_png(overlay_path, picture, sources)
             _write_npy(raw_path, result.raw[i], sources)
             entry: dict[str, object] = {
                 "file": str(f),

@@ -15,19 +15,22 @@ from ..errors import BadInputError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
-    """Expand files, folders (recursively, image suffixes only) and globs, in a stable order.
+def collect_inputs(
+    inputs: Iterable[str | os.PathLike[str]], suffixes: set[str] | None = None
+) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (recursively, image suffixes only, or `suffixes`) and globs, in a stable order.
 
     Returns (files, problems): problems are one-line messages for inputs that match nothing.
     """
+    wanted = suffixes or IMAGE_SUFFIXES
     files: list[Path] = []
     problems: list[str] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in wanted)
             if not found:
-                problems.append(f"{str(p)!r}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                problems.append(f"{str(p)!r}: the folder holds no inputs ({', '.join(sorted(wanted))})")
             files.extend(found)
         elif p.is_file():
             files.append(p)

@@ -28,13 +28,23 @@ class InputSpec:
     size: tuple[int, int] | None  # (height, width), None where dynamic
     dtype: str = "tensor(float)"
 
+    @property
+    def is_signal(self) -> bool:
+        return self.layout == "nct"
+
     @classmethod
     def from_shape(
         cls, name: str, shape: Sequence[object], layout: str | None, dtype: str = "tensor(float)"
     ) -> InputSpec:
+        if len(shape) == 3:  # [N, channels, length]: a 1-D signal
+            c, t = shape[1], shape[2]
+            return cls(name, "nct", c if isinstance(c, int) else 1, (1, t) if isinstance(t, int) else None, dtype)
         if len(shape) != 4:
-            raise BadInputError(f"input {name!r} has shape {list(shape)}: `explain` takes images (rank-4 inputs)")
-        if layout is None:
+            raise BadInputError(
+                f"input {name!r} has shape {list(shape)}: `explain` takes images (rank 4) or "
+                "signals (rank 3); to fix this, run the prepared model yourself (see the README)"
+            )
+        if layout is None or layout == "nct":
             layout = "nhwc" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "nchw"
         c = shape[1] if layout == "nchw" else shape[3]
         h, w = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
