@@ -157,18 +157,34 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         begin = same_pads(auto_pad, xs[1:], kernel, strides, dilations)
     else:
         begin, _ = spatial_pads(a.get("pads"), n)
-    ends, extra = conv_pads(xs[1:], ys[1:], kernel, strides, dilations, begin)
-    dx = ctx.b.op(
+    dx = conv_transpose_to(ctx, dy, w, group, kernel, strides, dilations, begin, xs[1:], ys[1:])
+    return [dx] + [None] * (len(node.input) - 1)
+
+
+def conv_transpose_to(
+    ctx: RuleContext,
+    dy: str,
+    w: str,
+    group: int,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    begin: Sequence[int],
+    in_dims: Sequence[int],
+    out_dims: Sequence[int],
+) -> str:
+    """ConvTranspose of dy with w whose result has exactly the forward input's spatial size in_dims."""
+    ends, extra = conv_pads(in_dims, out_dims, kernel, strides, dilations, begin)
+    return ctx.b.op(
         "ConvTranspose",
         [dy, w],
         group=group,
-        kernel_shape=kernel,
-        strides=strides,
-        dilations=dilations,
+        kernel_shape=list(kernel),
+        strides=list(strides),
+        dilations=list(dilations),
         pads=list(begin) + ends,
         output_padding=extra if any(extra) else None,
     )
-    return [dx] + [None] * (len(node.input) - 1)
 
 
 def fit_spatial(ctx: RuleContext, t: str, like: str, n: int) -> str:

@@ -11,7 +11,7 @@ import onnx
 
 from ..context import RuleContext
 from ._common import spatial_pads
-from .linear import conv_pads, same_pads
+from .linear import conv_transpose_to, same_pads
 
 Grads = list[str | None]
 
@@ -124,18 +124,7 @@ def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
     b = ctx.b
     scaled = b.op("Mul", [dy, ctx.const_like(x, counts[None, None], "pool_divisor")])
     ones = ctx.const_like(x, np.ones([channels, 1, *kernel]), "pool_ones")
-    ends, extra = conv_pads(xs[2:], ys[2:], kernel, strides, dilations, begin)
-    dx = b.op(
-        "ConvTranspose",
-        [scaled, ones],
-        group=channels,
-        kernel_shape=kernel,
-        strides=strides,
-        dilations=dilations,
-        pads=list(begin) + ends,
-        output_padding=extra if any(extra) else None,
-    )
-    return [dx]
+    return [conv_transpose_to(ctx, scaled, ones, channels, kernel, strides, dilations, begin, xs[2:], ys[2:])]
 
 
 def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
