@@ -15,6 +15,7 @@ import pytest
 from onnx_gradcam import prepare
 
 from .conftest import cpu_session, rel_err
+from .torch_ref import corr, hooked, resize
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -80,10 +81,6 @@ def numpy_method(method: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
     return (w * a).sum(1)
 
 
-def _corr(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(x.reshape(-1), y.reshape(-1))[0, 1])
-
-
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "mobilenet_v3_large"])
 def test_methods_and_counterfactual_match_torch(name: str, tmp_path: Path) -> None:
     src = export(name, CACHE)
@@ -99,16 +96,9 @@ def test_methods_and_counterfactual_match_torch(name: str, tmp_path: Path) -> No
     )
 
     model, layer = _layer_model(name)
-    store: dict[str, object] = {}
-
-    def hook(_m, _i, o):
-        store["a"] = o
-        o.register_hook(lambda grad: store.__setitem__("g", grad))
-
-    handle = layer.register_forward_hook(hook)
+    store = hooked(layer)
     logits = model(torch.from_numpy(x))
     logits[torch.arange(2), torch.tensor(CLASSES)].sum().backward()
-    handle.remove()
     # float32, as pytorch-grad-cam computes: XGrad-CAM divides by Σ_ij A + 1e-7, and random
     # mobilenet_v3 has Σ_ij A ~ 1e-10..5e-7, where float64 and float32 sums part by 1e-4
     a = store["a"].detach().numpy()  # type: ignore[union-attr]
@@ -147,19 +137,14 @@ def test_methods_and_counterfactual_match_torch(name: str, tmp_path: Path) -> No
                 assert np.all(ours == 0), f"{name} {method} sample {i}: expected an empty map"
                 continue
             if their_raw[i].max() > 1e-5:
-                c = _corr(ours, theirs[i])
+                c = corr(ours, theirs[i])
             else:
                 # pytorch-grad-cam normalises with (x - min) / (max + 1e-7): below ~1e-5 that epsilon
                 # flattens its map (random weights make mobilenet_v3's ~1e-10), so compare with its
                 # own raw map resized and normalised without an epsilon
-                up = _resize(their_raw[i], 224)
-                c = _corr(ours, (up - up.min()) / (up.max() - up.min()))
+                up = resize(their_raw[i], 224)
+                c = corr(ours, (up - up.min()) / (up.max() - up.min()))
             assert c >= 0.999, f"{name} {method} sample {i}: correlation {c:.5f}"
-
-
-def _resize(a: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg16"])
@@ -228,9 +213,9 @@ def test_several_feature_layers_give_one_map_each_and_their_mean(tmp_path: Path)
         assert rel_err(got[f"gradcam_raw_layer{j}"], raw) < 1e-4
         maps.append(got[f"gradcam_map_layer{j}"])
         for i in range(2):
-            up = _resize(raw[i], 224)
+            up = resize(raw[i], 224)
             if up.max() > up.min():
-                assert _corr(got[f"gradcam_map_layer{j}"][i], (up - up.min()) / (up.max() - up.min())) > 0.9999
+                assert corr(got[f"gradcam_map_layer{j}"][i], (up - up.min()) / (up.max() - up.min())) > 0.9999
     mean = (maps[0] + maps[1]) / 2
     for i in range(2):  # gradcam_map = the per-layer normalised maps' mean, normalised again
         expected = (mean[i] - mean[i].min()) / (mean[i].max() - mean[i].min())

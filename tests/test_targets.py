@@ -18,6 +18,7 @@ from onnx_gradcam.surgery.load import upgrade_opset
 
 from .conftest import cpu_session, rel_err
 from .thirdparty import rapidocr_model
+from .torch_ref import gradcam_reference, hooked
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -44,22 +45,6 @@ def export(model, x, path: Path, output: str = "out") -> Path:  # type: ignore[n
         dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}},
     )
     return path
-
-
-def hooked(module):  # type: ignore[no-untyped-def]
-    store: dict[str, object] = {}
-
-    def hook(_m, _i, o):  # type: ignore[no-untyped-def]
-        store["a"] = o
-        o.register_hook(lambda grad: store.__setitem__("g", grad))
-
-    module.register_forward_hook(hook)
-    return store
-
-
-def gradcam_reference(a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    axes = tuple(range(2, a.ndim))
-    return np.maximum((g.mean(axis=axes, keepdims=True) * a).sum(1), 0)
 
 
 def train(model, x: np.ndarray, y: np.ndarray, loss_fn, epochs: int, lr: float = 3e-3) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import pytest
 from onnx_gradcam import prepare
 
 from .conftest import cpu_session, rel_err
+from .torch_ref import corr, hooked, resize
 
 torch = pytest.importorskip("torch")
 pgc = pytest.importorskip("pytorch_grad_cam")
@@ -71,15 +72,6 @@ def torch_model_and_layer(name: str, module: str):  # -> (torch.nn.Module, torch
     return net, net.get_submodule(module)
 
 
-def _resize(a: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None]
-    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def _corr(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(x.reshape(-1), y.reshape(-1))[0, 1])
-
-
 # (architecture, layer, sample) where a ReLU decision in the path after the layer sits within
 # float32 rounding of zero, and torch's and onnxruntime's convolutions (different summation
 # orders) take it differently: measured for inception_v3 at Mixed_6e, sample 1 — 76% of the
@@ -112,16 +104,9 @@ def test_gradient_and_maps_equal_torch(name: str, which: str, tmp_path: Path) ->
     )
 
     model, layer = torch_model_and_layer(name, module)
-    store: dict[str, object] = {}
-
-    def hook(_m, _i, o):  # type: ignore[no-untyped-def]
-        store["a"] = o
-        o.register_hook(lambda grad: store.__setitem__("g", grad))
-
-    handle = layer.register_forward_hook(hook)
+    store = hooked(layer)
     logits = model(torch.from_numpy(x))
     logits[torch.arange(2), torch.tensor(CLASSES)].sum().backward()
-    handle.remove()
     a = store["a"].detach().double().numpy()  # type: ignore[union-attr]
     g = store["g"].double().numpy()  # type: ignore[union-attr]
     raw = np.maximum((g.mean(axis=(2, 3), keepdims=True) * a).sum(1), 0)
@@ -133,7 +118,7 @@ def test_gradient_and_maps_equal_torch(name: str, which: str, tmp_path: Path) ->
         err_r = rel_err(got["gradcam_raw"][i], raw[i])
         print(f"{name} {which} sample {i}: gradient {err_g:.2e} raw {err_r:.2e}")
         if (name, which, i) in ROUNDING_FLIPS:
-            assert _corr(got["gradcam_gradient"][i], g[i]) > 0.9999 and err_g < 5e-2
+            assert corr(got["gradcam_gradient"][i], g[i]) > 0.9999 and err_g < 5e-2
             continue
         assert err_g < 1e-4 and err_r < 1e-4
     np.testing.assert_array_equal(got["gradcam_target"], CLASSES)
@@ -147,12 +132,12 @@ def test_gradient_and_maps_equal_torch(name: str, which: str, tmp_path: Path) ->
             assert np.all(ours == 0)
             continue
         if raw[i].max() > 1e-5:
-            c = _corr(ours, theirs[i])
+            c = corr(ours, theirs[i])
         else:
             # pytorch-grad-cam divides by (max + 1e-7): at random weights' ~1e-10 that epsilon
             # flattens its map, so compare with the exact map (autograd, resized, normalised)
-            up = _resize(raw[i], size)
-            c = _corr(ours, (up - up.min()) / (up.max() - up.min()))
+            up = resize(raw[i], size)
+            c = corr(ours, (up - up.min()) / (up.max() - up.min()))
         print(f"{name} {which} sample {i}: map correlation {c:.6f}")
         assert c >= 0.999
 
@@ -171,13 +156,7 @@ def test_dynamo_export_opset_above_17(tmp_path: Path) -> None:
         zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x, "gradcam_class": np.array(CLASSES)}))
     )
     model, layer = torch_model_and_layer("resnet18", "layer4")
-    store: dict[str, object] = {}
-
-    def hook(_m, _i, o):  # type: ignore[no-untyped-def]
-        store["a"] = o
-        o.register_hook(lambda grad: store.__setitem__("g", grad))
-
-    layer.register_forward_hook(hook)
+    store = hooked(layer)
     model(torch.from_numpy(x))[torch.arange(2), torch.tensor(CLASSES)].sum().backward()
     assert rel_err(got["gradcam_features"], store["a"].detach().numpy()) < 1e-4  # type: ignore[union-attr]
     assert rel_err(got["gradcam_gradient"], store["g"].numpy()) < 1e-4  # type: ignore[union-attr]

@@ -1,7 +1,7 @@
 """Print the supported-ops list from the gradient-rule registry (README embeds it).
 
-    python tools/gen_ops_table.py            # the markdown block
-    python tools/gen_ops_table.py --check    # exit 1 if README.md's block differs
+python tools/gen_ops_table.py            # the markdown block
+python tools/gen_ops_table.py --check    # exit 1 if README.md's block differs
 """
 
 from __future__ import annotations

@@ -104,6 +104,10 @@ class RuleContext:
     info: TensorInfo
     relu_mode: str = "standard"
     opset: int = field(init=False)
+    # gradient tensors known to be one-hot on axis 1 of a [N, K] tensor: name -> class index [N]
+    one_hot: dict[str, str] = field(default_factory=dict)
+    # gradient tensors constant over the spatial axes: name -> their value at [N, C, 1, ...]
+    spatial_constant: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.opset = self.b.opset

@@ -134,10 +134,12 @@ def append_cam(
     out = CamOutputs()
     if spec.target == "class":
         seed, target, score = class_seed(b, info, spec.reduction, target_input)
+        ctx.one_hot[seed] = target
     else:
         seed, target, score = target_input, "", seed_score(b, info, spec.reduction, target_input)
     grads = backprop(ctx, nodes, list(spec.features), {spec.reduction: seed})
     sizes = _map_sizes(b, image, image_shape, layout)
+    spatial_static = [d for d in spatial if isinstance(d, int)]
 
     def maps_for(method: str, negate: bool) -> tuple[str, str, list[str], list[str]]:
         """(combined map, first layer's raw, per-layer maps, per-layer raws) for one method."""
@@ -146,9 +148,22 @@ def append_cam(
             g = b.op("Neg", [grad]) if negate else grad
             rank = info.rank(feature)
             assert rank is not None
-            raw = b.op("Relu", [METHODS[method](b, feature, g, list(range(2, rank)))], hint="raw")
+            if method == "gradcam":
+                alpha = ctx.spatial_constant.get(grad)  # the gradient's spatial mean, when known
+                if alpha is not None and negate:
+                    alpha = b.op("Neg", [alpha])
+                cam = gradcam_weighted_sum(b, info, feature, g, rank, alpha)
+            else:
+                cam = METHODS[method](b, feature, g, list(range(2, rank)))
+            raw = b.op("Relu", [cam], hint="raw")
             raws.append(raw)
-            maps.append(normalise(b, upsample(b, raw, sizes), len(spatial) + 1))
+            fshape = info.shape(feature) or ()
+            feature_spatial = [d for d in fshape[2:] if isinstance(d, int)]
+            if len(spatial_static) == len(spatial) == 2 and len(feature_spatial) == len(fshape) - 2 == 2:
+                up = upsample_matmul(b, raw, feature_spatial, spatial_static)
+            else:
+                up = upsample(b, raw, sizes)
+            maps.append(normalise(b, up, len(spatial) + 1))
         combined = maps[0] if len(maps) == 1 else normalise(b, b.op("Mean", maps), len(spatial) + 1)
         return combined, raws[0], maps, raws
 
@@ -196,6 +211,29 @@ def _map_sizes(b: GraphBuilder, image: str, image_shape: Sequence[object], layou
         "Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64), "axes")], axis=0
     )
     return b.op("Concat", [b.shape_of(image, 0, 1), b.const(np.array([1], np.int64), "one"), spatial], axis=0)
+
+
+def gradcam_weighted_sum(b: GraphBuilder, info: TensorInfo, a: str, g: str, rank: int, alpha: str | None) -> str:
+    """Σ_k α_k A_k with α_k = mean_ij G_kij, as one batched MatMul [N,1,C] x [N,C,HW]."""
+    if alpha is None:
+        alpha = b.reduce("ReduceMean", g, list(range(2, rank)), keepdims=True)
+    shape = info.shape(a) or ()
+    channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else -1
+    row = b.op("Reshape", [alpha, b.const(np.array([0, 1, channels], np.int64), "shape")])
+    flat = b.op("Reshape", [a, b.const(np.array([0, channels, -1], np.int64), "shape")])
+    summed = b.op("MatMul", [row, flat])  # [N, 1, HW]
+    out_shape = b.op("Concat", [b.shape_of(a, 0, 1), b.shape_of(a, 2)], axis=0)
+    return b.op("Reshape", [summed, out_shape])
+
+
+def upsample_matmul(b: GraphBuilder, raw: str, src: Sequence[int], dst: Sequence[int]) -> str:
+    """Bilinear half-pixel upsampling of [N, h, w] to [N, H, W] as M_h @ raw @ M_w^T, with the
+    interpolation matrices of ONNX's own Resize computed at prepare time (static sizes)."""
+    from ..autodiff.rules.resize import linear_matrix
+
+    mh = b.const(linear_matrix(src[0], dst[0]).astype(np.float32), "upsample_rows")
+    mwt = b.const(linear_matrix(src[1], dst[1]).T.astype(np.float32), "upsample_cols")
+    return b.op("MatMul", [b.op("MatMul", [mh, raw]), mwt], hint="upsampled")
 
 
 def upsample(b: GraphBuilder, raw: str, sizes: str) -> str:

@@ -148,8 +148,9 @@ def prepare_model(
         b.nodes.append(helper.make_node("Identity", [internal], [public_name], name=b.fresh(f"{public_name}_out")))
         graph.output.append(helper.make_tensor_value_info(public_name, dtype, [_dim(d) for d in shape]))
 
-    graph.node.extend(b.nodes)
-    graph.initializer.extend(b.initializers)
+    nodes, inits = _live(b.nodes, b.initializers, set(outs.tensors))
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
     if target == "class":
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_input))
         graph.input.append(helper.make_tensor_value_info(target_input, TensorProto.INT64, ["gradcam_classes"]))
@@ -192,6 +193,20 @@ def prepare_model(
         tuple(outs.tensors),
     )
     return work, report
+
+
+def _live(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], outputs: set[str]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The appended nodes and initializers that some output needs (rules may emit more than a
+    method uses, e.g. a broadcast gradient whose mean is known): the rest is dropped."""
+    needed = set(outputs)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return list(reversed(kept)), [t for t in inits if t.name in needed]
 
 
 def _dim(d: object) -> int | str | None:

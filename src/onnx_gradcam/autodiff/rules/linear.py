@@ -43,8 +43,13 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
     b = ctx.b
     out: Grads = [None] * len(node.input)
     if wrt[0]:
-        # dA' = alpha dY B'^T is itself a Gemm of dY and B with transB flipped: no weight copy
-        if ta:
+        # dA' = alpha dY B'^T is itself a Gemm of dY and B with transB flipped: no weight copy;
+        # for a one-hot dY (the explained class) it is alpha times one row of B'^T: a Gather
+        if dy in ctx.one_hot and not ta and ctx.info.const(B) is not None:
+            row = b.op("Gather", [B, ctx.one_hot[dy]], axis=0 if tb else 1)
+            row = row if tb else b.transpose(row, [1, 0])
+            out[0] = row if alpha == 1.0 else b.op("Mul", [row, ctx.scalar_like(node.output[0], alpha)])
+        elif ta:
             out[0] = b.op("Gemm", [B, dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
             out[0] = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
@@ -70,7 +75,10 @@ def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         raise ctx.unsupported(node, f"operands of rank {ra} and {rb} (rank >= 2 needed)")
     b = ctx.b
     da = db = None
-    if wrt[0]:
+    if wrt[0] and dy in ctx.one_hot and ra == 2 and rb == 2 and ctx.info.const(B) is not None:
+        # one-hot dY: dA = dY B^T is the explained class's column of B
+        da = b.transpose(b.op("Gather", [B, ctx.one_hot[dy]], axis=1), [1, 0])
+    elif wrt[0]:
         bt = _transposed_weight(ctx, B)
         da = unbroadcast(ctx, b.op("MatMul", [dy, bt]), A, y)
     if wrt[1]:

@@ -34,7 +34,10 @@ def global_average_pool(
     assert dy is not None
     x = node.input[0]
     b = ctx.b
-    return [b.op("Mul", [b.op("Expand", [dy, b.shape_of(x)]), _spatial_count(ctx, x)])]
+    mean = b.op("Mul", [dy, _spatial_count(ctx, x)])
+    dx = b.op("Expand", [mean, b.shape_of(x)])
+    ctx.spatial_constant[dx] = mean  # Grad-CAM's weights are this, without the Expand
+    return [dx]
 
 
 def global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:

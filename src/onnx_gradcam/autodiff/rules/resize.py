@@ -47,6 +47,14 @@ def _axis_matrix(
     return np.asarray(y, np.float64).T  # row j of eye resized = column j of M
 
 
+def linear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """M [n_out, n_in] of ONNX Resize, mode linear, half_pixel: bilinear upsampling per axis."""
+    node = helper.make_node(
+        "Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="half_pixel"
+    )
+    return _axis_matrix(node, 13, n_in, n_out, None, None)
+
+
 def _const_or_none(ctx: RuleContext, node: onnx.NodeProto, index: int) -> np.ndarray | None:
     """A constant operand, or None when absent, empty, or computed at run time."""
     if index >= len(node.input) or not node.input[index]:

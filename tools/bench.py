@@ -1,0 +1,281 @@
+"""Benchmark: Grad-CAM in the graph against plain inference and pytorch-grad-cam.
+
+    python tools/bench.py [--threads 2] [--models resnet50 vgg16 ...] [--batches 1 8] [--out BENCHMARKS.md]
+
+Variants, each timed in its own process (warm-up, then median/min/max of --runs calls) with its
+peak RSS: (a) plain onnxruntime on the original model, (b) the prepared model, (c) pytorch-grad-cam
+GradCAM on the same torch model and layer, (d) the Explainer API with arrays in memory,
+(e) the `explain` CLI on 100 JPEG files (images/s). Ratios compare variants of ONE run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+MODELS = ["resnet50", "vgg16", "mobilenet_v3_large", "efficientnet_b0"]
+# the torch module whose output is the prepared model's default feature tensor
+TORCH_LAYER = {
+    "resnet50": "layer4",
+    "resnet18": "layer4",
+    "vgg16": "avgpool",
+    "mobilenet_v3_large": "features.16",
+    "efficientnet_b0": "features.8",
+}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited from
+    the parent that started the process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timed(fn, runs: int, warmup: int = 2) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def _ort_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def worker(variant: str, model: str, batch: int, threads: int, runs: int, workdir: Path) -> dict[str, float]:
+    """One variant in this (fresh) process; returns timings and peak RSS."""
+    import numpy as np
+
+    size = 299 if model == "inception_v3" else 224
+    x = np.random.RandomState(0).rand(batch, 3, size, size).astype(np.float32)
+    plain, prepared = workdir / f"{model}.onnx", workdir / f"{model}.gradcam.onnx"
+    if variant == "a":
+        sess = _ort_session(str(plain), threads)
+        result = _timed(lambda: sess.run(None, {"input": x}), runs)
+    elif variant == "b":
+        sess = _ort_session(str(prepared), threads)
+        names = ["logits", "gradcam_map", "gradcam_target", "gradcam_score"]
+        result = _timed(lambda: sess.run(names, {"input": x}), runs)
+    elif variant == "c":
+        import torch
+        import torchvision
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        net = getattr(torchvision.models, model)(weights=None).eval()
+        layer = net.get_submodule(TORCH_LAYER[model])
+        cam = GradCAM(model=net, target_layers=[layer])
+        xt = torch.from_numpy(x)
+        targets = [ClassifierOutputTarget(1)] * batch
+        result = _timed(lambda: cam(input_tensor=xt, targets=targets), runs)
+    elif variant == "d":
+        from onnx_gradcam import Explainer
+
+        exp = Explainer(str(prepared), device="cpu", threads=threads, batch_size=batch)
+        result = _timed(lambda: exp.explain(x), runs)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    result["rss_mb"] = peak_rss_mb()
+    return result
+
+
+def _spawn(args: list[str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _prepare_in_subprocess(model: str, workdir: Path) -> dict[str, float]:
+    code = (
+        "import time, json, resource, sys; from onnx_gradcam import prepare; t = time.perf_counter(); "
+        f"prepare({str(workdir / (model + '.onnx'))!r}, {str(workdir / (model + '.gradcam.onnx'))!r}); "
+        "hwm = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM:')][0]; "
+        "print(json.dumps({'s': time.perf_counter() - t, 'rss_mb': hwm / 1024}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cli_throughput(model: str, workdir: Path, threads: int, n_images: int = 100) -> float:
+    """Images per second of `onnx-gradcam explain` on n JPEG files (whole command, start included)."""
+    import numpy as np
+    from PIL import Image
+
+    images = workdir / "jpegs"
+    if not images.is_dir():
+        images.mkdir()
+        rs = np.random.RandomState(0)
+        for i in range(n_images):
+            Image.fromarray(rs.randint(0, 255, (256, 256, 3), np.uint8)).save(images / f"img{i:03d}.jpg")
+    out = workdir / f"cli-{model}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnx_gradcam.cli",
+            "explain",
+            str(workdir / f"{model}.gradcam.onnx"),
+            str(images),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--threads",
+            str(threads),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    return n_images / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--variants", default="abcde")
+    p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    p.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        v, m, b = args.worker
+        print(json.dumps(worker(v, m, int(b), args.threads, args.runs, args.workdir)))
+        return
+
+    from export_torchvision import export
+
+    command = "python tools/bench.py " + " ".join(sys.argv[1:])
+    rows, prep_rows = [], []
+    for model in args.models:
+        export(model, args.workdir)
+        prep = _prepare_in_subprocess(model, args.workdir)
+        prep_rows.append((model, prep))
+        for batch in args.batches:
+            res = {}
+            for v in args.variants:
+                if v == "e":
+                    continue
+                res[v] = _spawn(
+                    [
+                        "--worker",
+                        v,
+                        model,
+                        str(batch),
+                        "--threads",
+                        str(args.threads),
+                        "--runs",
+                        str(args.runs),
+                        "--workdir",
+                        str(args.workdir),
+                    ]
+                )
+                print(f"{model} b{batch} ({v}) {res[v]['median']:.1f} ms", file=sys.stderr)
+            rows.append((model, batch, res))
+    cli = {m: _cli_throughput(m, args.workdir, args.threads) for m in args.models} if "e" in args.variants else {}
+
+    lines = [
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} intra-op threads, Python {platform.python_version()}, "
+        f"onnxruntime {_ort_version()}, torch {_version('torch')}",
+        "",
+        "ms per call: median [min-max] of "
+        f"{args.runs} runs after warm-up; peak RSS in MB; each variant in its own process.",
+        "",
+        "| model | batch | (a) plain ORT | (b) prepared | (c) pytorch-grad-cam | (d) Explainer | "
+        "(b)/(a) | (c)/(b) | (d)/(b) | RSS (a) | RSS (b) | RSS (c) | RSS (b)/(a) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios_cb = []
+    for model, batch, res in rows:
+        if "c" in res and "b" in res:
+            ratios_cb.append(res["c"]["median"] / res["b"]["median"])
+        lines.append(_row(model, batch, res))
+    if ratios_cb:
+        lines += ["", f"Median (c)/(b) over the rows: {statistics.median(ratios_cb):.2f}"]
+    lines += [
+        "",
+        "| model | prepare (s) | prepare peak RSS (MB) | (e) CLI on 100 JPEGs (images/s) |",
+        "|---|---|---|---|",
+    ]
+    for model, prep in prep_rows:
+        e = f"{cli[model]:.1f}" if model in cli else "-"
+        lines.append(f"| {model} | {prep['s']:.2f} | {prep['rss_mb']:.0f} | {e} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+def _row(model: str, batch: int, res: dict[str, dict[str, float]]) -> str:
+    """One markdown row: timings, ratios and peak RSS of the variants measured."""
+
+    def cell(v: str) -> str:
+        r = res.get(v)
+        return f"{r['median']:.1f} [{r['min']:.1f}-{r['max']:.1f}]" if r else "-"
+
+    def ratio(x: str, y: str) -> str:
+        return f"{res[x]['median'] / res[y]['median']:.3f}" if x in res and y in res else "-"
+
+    def rss(v: str) -> str:
+        return f"{res[v]['rss_mb']:.0f}" if v in res else "-"
+
+    rss_ratio = f"{res['b']['rss_mb'] / res['a']['rss_mb']:.2f}" if "a" in res and "b" in res else "-"
+    return (
+        f"| {model} | {batch} | {cell('a')} | {cell('b')} | {cell('c')} | {cell('d')} | "
+        f"{ratio('b', 'a')} | {ratio('c', 'b')} | {ratio('d', 'b')} | "
+        f"{rss('a')} | {rss('b')} | {rss('c')} | {rss_ratio} |"
+    )
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return f"{onnxruntime.__version__} ({', '.join(onnxruntime.get_available_providers())})"
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "absent"
+
+
+if __name__ == "__main__":
+    main()
