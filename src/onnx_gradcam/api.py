@@ -6,11 +6,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .autodiff.context import TensorInfo
 from .errors import BadInputError
 from .explain.explainer import Explainer, ExplainResult
 from .explain.overlay import overlay
-from .surgery.load import file_sha256, load_model, save_model_atomic
+from .surgery import layers as layer_choice
+from .surgery.layers import Candidate
+from .surgery.load import file_sha256, load_model, save_model_atomic, upgrade_opset
 from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
+from .surgery.shapes import infer_all
 
 
 def default_output(model_path: str | os.PathLike[str]) -> Path:
@@ -72,4 +76,16 @@ def prepare(
     return report
 
 
-__all__ = ["prepare", "default_output", "Explainer", "ExplainResult", "overlay"]
+def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) -> tuple[str, list[Candidate]]:
+    """(score tensor, feature-map candidates shallowest first; `default` marks prepare's choice)."""
+    proto = upgrade_opset(load_model(model))
+    info = TensorInfo(infer_all(proto).graph, constants_from=proto.graph)
+    graph = proto.graph
+    if reduction_layer:
+        reduction = layer_choice.resolve(graph, reduction_layer, "reduction layer")
+    else:
+        reduction = layer_choice.default_reduction(graph, info)
+    return reduction, layer_choice.candidates(graph, info, reduction)
+
+
+__all__ = ["prepare", "default_output", "layers", "Explainer", "ExplainResult", "overlay"]

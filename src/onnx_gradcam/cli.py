@@ -12,7 +12,8 @@ import click
 import numpy as np
 
 from ._version import __version__
-from .api import Explainer, prepare
+from .api import Explainer, default_output, prepare
+from .api import layers as list_layers
 from .errors import OnnxGradCamError
 from .explain.images import collect_inputs, load_image
 from .explain.overlay import COLORMAPS, guided_image, overlay
@@ -133,9 +134,7 @@ def prepare_cmd(
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
-    out = output or Path(
-        str(model)[: -len(".onnx")] + ".gradcam.onnx" if str(model).endswith(".onnx") else str(model) + ".gradcam.onnx"
-    )
+    out = output or default_output(model)
     click.echo(f"feature layer:   {', '.join(report.feature_tensors)}")
     click.echo(f"reduction layer: {report.reduction_tensor}")
     click.echo(f"methods:         {', '.join(report.methods)}")
@@ -153,20 +152,8 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     A feature map every path to the score passes through ('all paths: yes') explains the
     whole decision; others explain only the part that flows through them.
     """
-    from .autodiff.context import TensorInfo
-    from .surgery import layers
-    from .surgery.load import load_model, upgrade_opset
-    from .surgery.shapes import infer_all
-
     try:
-        proto = upgrade_opset(load_model(model))
-        info = TensorInfo(infer_all(proto).graph, constants_from=proto.graph)
-        reduction = (
-            layers.resolve(proto.graph, reduction_layer, "reduction layer")
-            if reduction_layer
-            else layers.default_reduction(proto.graph, info)
-        )
-        found = layers.candidates(proto.graph, info, reduction)
+        reduction, found = list_layers(model, reduction_layer)
     except OnnxGradCamError as err:
         raise _fail(err) from None
     rows = [c for c in found if c.dominates or show_all]
