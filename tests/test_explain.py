@@ -7,14 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from onnx_gradcam import BadInputError, Explainer, ProviderUnavailableError, overlay, prepare_model
+from onnx_gradcam import BadInputError, Explainer, OnnxGradCamError, ProviderUnavailableError, overlay, prepare_model
+from onnx_gradcam.explain import session as session_module
+from onnx_gradcam.explain.explainer import labels_beside, read_labels
 from onnx_gradcam.explain.images import collect_inputs, load_image
 from onnx_gradcam.explain.overlay import colorize, guided_image
 from onnx_gradcam.explain.preprocess import InputSpec, parse_size, to_tensor
-from onnx_gradcam.explain.session import cuda_available
+from onnx_gradcam.explain.session import create_session, cuda_available, run_session
 from onnx_gradcam.surgery.prepare import PRESETS, Preprocess
 
 from .conftest import cpu_session
@@ -40,7 +43,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     ("mode", "make", "expected"),
     [
         ("L", lambda: Image.new("L", (4, 4), 100), (100, 100, 100)),
-        ("P", lambda: Image.new("RGB", (4, 4), (10, 200, 30)).convert("P", palette=Image.ADAPTIVE), (10, 200, 30)),
+        ("P", lambda: Image.new("RGB", (4, 4), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE), (10, 200, 30)),
         ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), (255, 255, 255)),  # transparent -> white
         ("I;16", lambda: Image.fromarray(np.full((4, 4), 65535 // 2, np.uint16)), (128, 128, 128)),
     ],
@@ -157,6 +160,7 @@ def test_explainer_equals_a_direct_onnxruntime_run_and_batches(prepared: onnx.Mo
     np.testing.assert_array_equal(result.maps, direct["gradcam_map"])
     np.testing.assert_array_equal(result.raw, direct["gradcam_raw"])
     np.testing.assert_array_equal(result.logits, direct["logits"])
+    assert result.probabilities is not None
     np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-6)
     assert result.provider == "CPUExecutionProvider" and result.method == "gradcam"
     top = Explainer(prepared, device="cpu").explain(x)
@@ -204,6 +208,7 @@ def test_targets_by_name_and_errors(prepared: onnx.ModelProto) -> None:
 def test_top_k_explains_distinct_classes_in_order(prepared: onnx.ModelProto) -> None:
     x = np.random.RandomState(3).randn(2, 3, 8, 8).astype(np.float32)
     results = Explainer(prepared, device="cpu").explain_top_k(x, 3)
+    assert results[0].logits is not None
     order = np.argsort(-results[0].logits, axis=1)
     for r, res in enumerate(results):
         np.testing.assert_array_equal(res.targets, order[:, r])
@@ -231,3 +236,119 @@ def test_cuda_matches_cpu(prepared: onnx.ModelProto) -> None:
     gpu = Explainer(prepared, device="cuda")
     assert gpu.provider == "CUDAExecutionProvider"
     np.testing.assert_allclose(gpu.explain(x).maps, Explainer(prepared, device="cpu").explain(x).maps, atol=1e-4)
+
+
+# -- the Explainer on the bundled demo, against a direct onnxruntime run ----------------------
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def _demo_reference(paths: list[Path]) -> dict[str, np.ndarray]:
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    rows = []
+    for p in paths:
+        rgb = Image.open(p).convert("RGB").resize((96, 96), Image.Resampling.BILINEAR)
+        rows.append(((np.asarray(rgb, np.float64) / 255 - mean) / std).transpose(2, 0, 1))
+    model, _ = prepare_model(onnx.load(str(DEMO_DIR / "demo.onnx")))
+    sess = cpu_session(model.SerializeToString())
+    feeds = {"input": np.stack(rows).astype(np.float32), "gradcam_class": np.array([-1], np.int64)}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def test_explainer_on_image_paths_equals_a_direct_run_of_the_prepared_demo() -> None:
+    paths = sorted((DEMO_DIR / "samples").glob("*.png"))
+    ref = _demo_reference(paths)
+    exp = Explainer(DEMO_DIR / "demo.onnx", device="cpu", batch_size=2, labels=DEMO_DIR / "labels.txt")
+    result = exp.explain([str(p) for p in paths])  # 3 images in batches of 2
+    assert result.logits is not None and exp.labels is not None
+    np.testing.assert_allclose(result.logits, ref["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.maps, ref["gradcam_map"], atol=1e-5)
+    np.testing.assert_allclose(result.raw, ref["gradcam_raw"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.targets, ref["gradcam_target"])
+    assert [exp.labels[t] for t in result.targets] == [p.stem for p in paths]  # circle, star, triangle
+    assert result.versions["onnx_gradcam"] and result.feature_layer == exp.metadata["feature_tensor"]
+
+
+def test_softmax_output_model_reports_logits_before_softmax() -> None:
+    # handmade + Softmax: the reduction tensor (pre-softmax logits) is not an output of the model
+    model = handmade()
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    model.graph.output[0].name = "probs"
+    x = np.random.RandomState(6).randn(2, 3, 8, 8).astype(np.float32)
+    result = Explainer(model, device="cpu").explain(x)
+    assert result.logits is not None and result.probabilities is not None
+    logits = _direct(prepare_model(handmade())[0], x, np.array([-1], np.int64))["logits"]
+    np.testing.assert_allclose(result.logits, logits, rtol=1e-5)
+    np.testing.assert_allclose(result.scores, logits.max(1), rtol=1e-5)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(result.probabilities, e / e.sum(1, keepdims=True), rtol=1e-5)
+
+
+def test_labels_are_checked_and_read_from_files(prepared: onnx.ModelProto, tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="2 names but the model has 3 classes"):
+        Explainer(prepared, device="cpu", labels=["cat", "dog"])
+    path = tmp_path / "names.txt"
+    path.write_text("cat\n\ndog\nfox\n")
+    assert Explainer(prepared, device="cpu", labels=path).labels == ["cat", "dog", "fox"]
+    assert read_labels(path) == ["cat", "dog", "fox"]
+    with pytest.raises(BadInputError, match="cannot read labels file"):
+        read_labels(tmp_path / "missing.txt")
+
+
+def test_labels_beside_the_model(tmp_path: Path) -> None:
+    model = tmp_path / "net.gradcam.onnx"
+    assert labels_beside(model) is None
+    (tmp_path / "labels.txt").write_text("a\n")
+    assert labels_beside(model) == tmp_path / "labels.txt"
+    (tmp_path / "net.labels.txt").write_text("a\n")  # MODEL.labels.txt wins, also for the prepared file
+    assert labels_beside(model) == tmp_path / "net.labels.txt"
+
+
+def test_inputs_that_do_not_fit_the_model(prepared: onnx.ModelProto) -> None:
+    with pytest.raises(BadInputError, match="fixed at 8x8"):
+        Explainer(prepared, device="cpu", size=(16, 16))
+    with pytest.raises(BadInputError, match="channels"):
+        Explainer(prepared, device="cpu", layout="nhwc")
+    with pytest.raises(BadInputError, match="give 1 or 3"):
+        Explainer(prepared, device="cpu", preprocess=Preprocess((0.5, 0.5), (0.5, 0.5)))
+    exp = Explainer(prepared, device="cpu")
+    with pytest.raises(BadInputError, match=r"shape \[1, 3, 9, 8\] but the model's input 'input' is \[N, 3, 8, 8\]"):
+        exp.explain(np.zeros((1, 3, 9, 8), np.float32))
+    with pytest.raises(BadInputError, match="2 targets for 3 inputs"):
+        exp.explain(np.zeros((3, 3, 8, 8), np.float32), target=[0, 1])
+    assert exp.explain(np.zeros((1, 3, 8, 8), np.float64)).maps.dtype == np.float32  # other dtypes cast
+
+
+def test_onnxruntime_errors_become_one_line_package_errors(prepared: onnx.ModelProto) -> None:
+    with pytest.raises(OnnxGradCamError, match="onnxruntime cannot load the model"):
+        create_session(b"not a model", "cpu")
+    sess, _ = create_session(prepared.SerializeToString(), "cpu")
+    with pytest.raises(BadInputError, match=r"input \[1, 3, 5, 5\]") as info:
+        run_session(sess, {"input": np.zeros((1, 3, 5, 5), np.float32)})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(cuda_available(), reason="simulates a CUDA driver where there is none")
+def test_auto_falls_back_quietly_when_the_cuda_provider_fails_to_load(
+    prepared: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # a driver library that loads, but onnxruntime's CUDA provider cannot start (as with a CUDA
+    # or cuDNN version mismatch): 'auto' gets the CPU with one note, no onnxruntime log lines
+    monkeypatch.setattr(session_module, "_cuda_driver_present", lambda: True)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sess, info = create_session(prepared.SerializeToString(), "auto")
+    assert info.provider == "CPUExecutionProvider" == sess.get_providers()[0]
+    assert info.note == "note: CUDA is not available here; running on the CPU"
+    with pytest.raises(ProviderUnavailableError, match="CUDA driver found.*--device cpu"):
+        create_session(prepared.SerializeToString(), "cuda")
+    captured = capfd.readouterr()
+    assert "onnxruntime" not in captured.err + captured.out
+
+
+def test_collect_inputs_skips_the_output_folder(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "out" / "a.gradcam.c0.png").write_bytes(b"x")
+    files, _ = collect_inputs([str(tmp_path), str(tmp_path / "**" / "*.png")], exclude=tmp_path / "out")
+    assert files == [tmp_path / "a.png"]

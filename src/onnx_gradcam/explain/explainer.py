@@ -18,7 +18,7 @@ from ..surgery.load import load_model
 from ..surgery.prepare import PRESETS, Preprocess, prepare_model, read_metadata
 from .images import load_image
 from .preprocess import InputSpec, to_tensor
-from .session import create_session
+from .session import create_session, run_session
 
 Target = int | str | Sequence[int | str] | None
 ImageLike = str | os.PathLike[str] | Image.Image
@@ -101,7 +101,7 @@ class Explainer:
         preprocess: str | Preprocess | None = None,
         batch_size: int = 8,
         threads: int | None = None,
-        labels: Sequence[str] | None = None,
+        labels: Sequence[str] | str | os.PathLike[str] | None = None,
         size: tuple[int, int] | None = None,
         layout: str | None = None,
     ) -> None:
@@ -125,16 +125,18 @@ class Explainer:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(self.reduction, onnx.TensorProto.FLOAT, None))
         self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
         self.batch_size = batch_size
-        self.labels = list(labels) if labels is not None else None
-        self.preprocess = _as_preprocess(preprocess, meta)
         self.output_names = [o.name for o in self.session.get_outputs()]
         image_name = meta.get("input") or self.session.get_inputs()[0].name
         inp = next(i for i in self.session.get_inputs() if i.name == image_name)
         self.input = InputSpec.from_shape(inp.name, list(inp.shape), layout or meta.get("input_layout"), inp.type)
-        self.size = size
+        self.input_shape: list[int | str | None] = list(inp.shape)
+        self.preprocess = _checked_preprocess(_as_preprocess(preprocess, meta), self.input)
+        self.size = _checked_size(size, self.input)
         logits_meta = next((o for o in self.session.get_outputs() if o.name == self.reduction), None)
         k = logits_meta.shape[-1] if logits_meta is not None and logits_meta.shape else None
         self.num_classes: int | None = k if isinstance(k, int) else None
+        names = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
+        self.labels = _checked_labels(names, self.num_classes)
         self.methods: list[str] = json.loads(meta.get("methods", json.dumps([meta.get("method", "gradcam")])))
 
     @property
@@ -182,9 +184,7 @@ class Explainer:
         method: one of the prepared methods (default: the first). seed: for models prepared with
         target='seed', the gradient of your score with respect to the reduction tensor.
         """
-        x = inputs if isinstance(inputs, np.ndarray) else self.to_tensor(inputs)
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
+        x = self._checked_array(inputs if isinstance(inputs, np.ndarray) else self.to_tensor(inputs))
         n = len(x)
         method = method or self.methods[0]
         if method not in self.methods:
@@ -212,7 +212,7 @@ class Explainer:
                 feeds["gradcam_seed"] = np.asarray(seed, np.float32)[start : start + self.batch_size]
             else:
                 feeds["gradcam_class"] = classes[start : start + self.batch_size]
-            values = self.session.run(None, feeds)
+            values = run_session(self.session, feeds)
             parts.append(dict(zip(self.output_names, values)))
         got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         logits = got.get(self.reduction) if not is_seed else None
@@ -244,6 +244,20 @@ class Explainer:
         k = min(k, order.shape[1])
         return [first] + [self.explain(x, list(order[:, r]), method) for r in range(1, k)]
 
+    def _checked_array(self, x: np.ndarray) -> np.ndarray:
+        """x as float32, after checking its rank and the model's static dimensions."""
+        declared = self.input_shape
+        fixed = [(i, d) for i, d in enumerate(declared) if isinstance(d, int) and d > 0 and i > 0]
+        if x.ndim != len(declared) or any(x.shape[i] != d for i, d in fixed):
+            dims = [str(d) if isinstance(d, int) else "N" if i == 0 else "?" for i, d in enumerate(declared)]
+            shown = "[" + ", ".join(dims) + "]"
+            raise BadInputError(
+                f"the input array has shape {list(x.shape)} but the model's input {self.input.name!r} is "
+                f"{shown} ({self.input.layout}): to fix this, pass arrays of that shape (or images, which "
+                "are resized to it)"
+            )
+        return x if x.dtype == np.float32 else x.astype(np.float32)
+
     def _classes(self, target: Target, n: int) -> np.ndarray:
         if target is None:
             return np.full(n, -1, np.int64)
@@ -265,6 +279,71 @@ def _as_preprocess(preprocess: str | Preprocess | None, meta: dict[str, str]) ->
     if "preprocess" in meta:
         return Preprocess.from_json(meta["preprocess"])
     return PRESETS["imagenet"]
+
+
+def _checked_preprocess(pre: Preprocess, spec: InputSpec) -> Preprocess:
+    """Mean and std must give one value, or one per colour channel."""
+    if spec.is_signal:
+        return pre
+    if len(pre.mean) != len(pre.std) or len(pre.mean) not in (1, 3):
+        raise BadInputError(
+            f"preprocessing has {len(pre.mean)} mean and {len(pre.std)} std values: to fix this, give 1 or 3 "
+            "of each (one per RGB channel), e.g. --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5"
+        )
+    if any(v == 0 for v in pre.std):
+        raise BadInputError("a std value is 0: to fix this, give positive std values")
+    return pre
+
+
+def _checked_size(size: tuple[int, int] | None, spec: InputSpec) -> tuple[int, int] | None:
+    """A requested size must agree with a model whose height and width are fixed."""
+    if size is None or spec.size is None or spec.is_signal:
+        return size
+    if tuple(size) != tuple(spec.size):
+        h, w = spec.size
+        raise BadInputError(
+            f"--size {size[0]}x{size[1]} does not fit the model: its input {spec.name!r} is fixed at "
+            f"{h}x{w} (height x width); to fix this, leave out --size"
+        )
+    return size
+
+
+def _checked_labels(labels: Sequence[str] | None, num_classes: int | None) -> list[str] | None:
+    """Class names, one per class when the model's class count is known."""
+    if labels is None:
+        return None
+    names = list(labels)
+    if num_classes is not None and len(names) != num_classes:
+        raise BadInputError(
+            f"the labels list has {len(names)} names but the model has {num_classes} classes: to fix this, "
+            "give a labels file with one name per class, in class-index order"
+        )
+    return names
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str]:
+    """Class names from a text file, one per line in class-index order (blank lines ignored)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"cannot read labels file {str(path)!r} ({exc}): to fix this, give a UTF-8 text file, one name per line"
+        ) from exc
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise BadInputError(f"labels file {str(path)!r} is empty: to fix this, write one class name per line")
+    return names
+
+
+def labels_beside(model: str | os.PathLike[str]) -> Path | None:
+    """MODEL.labels.txt (for MODEL.gradcam.onnx also MODEL.labels.txt) or labels.txt beside the model."""
+    p = Path(model)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.stem
+    stems = [stem, stem[: -len(".gradcam")]] if stem.endswith(".gradcam") else [stem]
+    for candidate in [p.with_name(f"{s}.labels.txt") for s in stems] + [p.with_name("labels.txt")]:
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

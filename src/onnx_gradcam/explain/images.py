@@ -16,26 +16,35 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 
 def collect_inputs(
-    inputs: Iterable[str | os.PathLike[str]], suffixes: set[str] | None = None
+    inputs: Iterable[str | os.PathLike[str]],
+    suffixes: set[str] | None = None,
+    exclude: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Path], list[str]]:
     """Expand files, folders (recursively, image suffixes only, or `suffixes`) and globs, in a stable order.
 
-    Returns (files, problems): problems are one-line messages for inputs that match nothing.
+    Folders and globs skip everything under `exclude` (the output folder: a second run over `.`
+    must not explain the first run's overlays). Returns (files, problems): problems are one-line
+    messages for inputs that match nothing.
     """
     wanted = suffixes or IMAGE_SUFFIXES
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def keep(q: Path) -> bool:
+        return q.is_file() and (skip is None or not q.resolve().is_relative_to(skip))
+
     files: list[Path] = []
     problems: list[str] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in wanted)
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in wanted and keep(q))
             if not found:
                 problems.append(f"{str(p)!r}: the folder holds no inputs ({', '.join(sorted(wanted))})")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         elif glob.has_magic(str(raw)):
-            found = sorted(Path(q) for q in glob.glob(str(raw), recursive=True) if Path(q).is_file())
+            found = sorted(Path(q) for q in glob.glob(str(raw), recursive=True) if keep(Path(q)))
             if not found:
                 problems.append(f"{str(raw)!r}: the pattern matches no file")
             files.extend(found)

@@ -47,6 +47,12 @@ class InputSpec:
         if layout is None or layout == "nct":
             layout = "nhwc" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "nchw"
         c = shape[1] if layout == "nchw" else shape[3]
+        if isinstance(c, int) and c not in (1, 3):
+            shown = "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+            raise BadInputError(
+                f"input {name!r} has shape {shown}, which read as {layout} has {c} channels, but images give "
+                "1 (grey) or 3 (RGB): to fix this, give the other --layout (nchw or nhwc)"
+            )
         h, w = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
         size = (h, w) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
         return cls(name, layout, c if isinstance(c, int) else 3, size, dtype)
