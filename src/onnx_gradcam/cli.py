@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -15,6 +15,7 @@ from ._version import __version__
 from .api import Explainer, default_output, prepare
 from .api import layers as list_layers
 from .errors import OnnxGradCamError
+from .explain.explainer import labels_beside, read_labels
 from .explain.images import collect_inputs, load_image
 from .explain.overlay import COLORMAPS, guided_image, overlay
 from .explain.preprocess import RESAMPLE, parse_size
@@ -274,7 +275,7 @@ def explain_cmd(
     Models prepared with --target seed explain --class over --region, or a detection --box-index.
     """
     try:
-        label_list = _read_labels(labels) if labels else None
+        label_list = read_labels(labels) if labels else None
         chosen = _preprocess_from_flags(preprocess, mean, std, bgr)
         explainer = Explainer(
             model,
@@ -294,16 +295,27 @@ def explain_cmd(
             )
         if explainer.session_info.note:
             click.echo(explainer.session_info.note, err=True)
+        if labels is None:
+            _adopt_labels_beside(explainer, model)
         if target is not None:
-            explainer.resolve_target(target)  # fail before any work on a bad --class
+            _check_class(explainer, target)  # fail before any work on a bad --class
+        if top_k and explainer.num_classes is not None and top_k > explainer.num_classes:
+            click.echo(
+                f"note: the model has {explainer.num_classes} classes; --top-k {top_k} explains all of them", err=True
+            )
         seeds = _SeedSpec(explainer, target, region, box_index)
-        files, problems = collect_inputs(inputs, SIGNAL_SUFFIXES if explainer.input.is_signal else None)
-        for p in problems:
-            click.echo(f"error: {p}", err=True)
+        files, problems = collect_inputs(
+            inputs, SIGNAL_SUFFIXES if explainer.input.is_signal else None, exclude=output_dir
+        )
         if not files:
-            raise _Failure("no images to explain: to fix this, pass image files, folders or globs")
+            why = (
+                f" ({problems[0]}{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''})" if problems else ""
+            )
+            raise _Failure(f"no images to explain{why}: to fix this, pass image files, folders or globs")
+        for p in problems:
+            click.echo(f"skipped: {p}", err=True)
         sources = {f.resolve() for f in files}
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _make_dir(output_dir)
         names = _output_names(files)
         entries: list[dict[str, object]] = []
         failed = len(problems)
@@ -341,6 +353,42 @@ def explain_cmd(
     click.echo(f"explained {len(files) - failed + len(problems)} of {len(files)} images; wrote {output_dir}", err=True)
     if failed:
         sys.exit(1)
+
+
+def _adopt_labels_beside(explainer: Explainer, model: Path) -> None:
+    """Use MODEL.labels.txt or labels.txt beside the model when it names every class."""
+    found = labels_beside(model)
+    if found is None or explainer.num_classes is None:
+        return
+    try:
+        names = read_labels(found)
+    except OnnxGradCamError:
+        return
+    if len(names) == explainer.num_classes:
+        explainer.labels = names
+        click.echo(f"note: class names from {found} (--labels FILE to use others)", err=True)
+
+
+def _check_class(explainer: Explainer, target: str) -> None:
+    cls = explainer.resolve_target(target)
+    if cls < 0:
+        raise _Failure(
+            f"--class {target} is negative: to fix this, give a class index >= 0, or leave out --class for the top-1 class"
+        )
+    if explainer.num_classes is not None and cls >= explainer.num_classes:
+        raise _Failure(
+            f"--class {cls} is out of range: the model has {explainer.num_classes} classes "
+            f"(0..{explainer.num_classes - 1}); to fix this, give an index in that range"
+        )
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _Failure(
+            f"cannot create the output folder {folder} ({exc.strerror or exc}): to fix this, choose another -o folder"
+        ) from None
 
 
 class _SeedSpec:
@@ -481,27 +529,33 @@ def _guard(path: Path, sources: set[Path]) -> Path:
     return path
 
 
-def _write_png(path: Path, image, sources: set[Path]) -> None:  # type: ignore[no-untyped-def]
+def _atomic_write(path: Path, sources: set[Path], write: Callable[[Path], object]) -> None:
+    """Write through a hidden temporary file in the same folder, then rename: never a partial file."""
     tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _Failure(
+            f"cannot write {path} ({exc.strerror or exc}): to fix this, free disk space or choose another -o folder"
+        ) from None
+
+
+def _write_png(path: Path, image, sources: set[Path]) -> None:  # type: ignore[no-untyped-def]
+    _atomic_write(path, sources, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _write_npy(path: Path, array: np.ndarray, sources: set[Path]) -> None:
-    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    _atomic_write(path, sources, write)
 
 
 def _write_text(path: Path, text: str, sources: set[Path]) -> None:
-    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _read_labels(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    _atomic_write(path, sources, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _preprocess_from_flags(preset: str | None, mean: str | None, std: str | None, bgr: bool) -> Preprocess | None:
