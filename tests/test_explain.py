@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     ("mode", "make", "expected"),
     [
         ("L", lambda: Image.new("L", (4, 4), 100), (100, 100, 100)),
-        ("P", lambda: Image.new("RGB", (4, 4), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE), (10, 200, 30)),
+        ("P", lambda: Image.new("RGB", (4, 4), (10, 200, 30)).quantize(8), (10, 200, 30)),
         ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), (255, 255, 255)),  # transparent -> white
         ("I;16", lambda: Image.fromarray(np.full((4, 4), 65535 // 2, np.uint16)), (128, 128, 128)),
     ],
@@ -220,6 +221,16 @@ def test_result_save_writes_maps_and_summary(prepared: onnx.ModelProto, tmp_path
     written = result.save(tmp_path / "out", ["a", "b"])
     assert [p.name for p in written] == ["a.npy", "b.npy", "result.json"]
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "b.npy"), result.maps[1])
+    summary = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert [s["class"] for s in summary["samples"]] == result.targets.tolist()
+    pictures = [Image.new("RGB", (30, 20), (90, 90, 90)), Image.new("RGB", (10, 40), (0, 0, 0))]
+    written = result.save(tmp_path / "pics", ["a", "b"], images=pictures, alpha=0.4)
+    assert [p.name for p in written] == ["a.npy", "a.png", "b.npy", "b.png", "result.json"]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "pics" / "b.png")), np.asarray(overlay(pictures[1], result.maps[1], alpha=0.4))
+    )
+    with pytest.raises(BadInputError, match="one per sample"):
+        result.save(tmp_path / "x", ["only-one"])
 
 
 @pytest.mark.skipif(cuda_available(), reason="checks the error raised where CUDA is absent")

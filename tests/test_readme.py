@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -51,3 +55,39 @@ def test_supported_ops_list_is_generated_from_the_registry() -> None:
         [sys.executable, str(ROOT / "tools" / "gen_ops_table.py"), "--check"], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("pytest_rc", "ci_rc"), [(0, 0), (1, 1), (5, 1)])
+def test_ci_script_fails_on_failures_and_on_no_tests(tmp_path: Path, pytest_rc: int, ci_rc: int) -> None:
+    # .ci/run with stand-ins for python3, python and pip: exit code 5 ("no tests") must be red
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls.log"
+    venv = '[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && : > "$3/bin/activate" && exit 0'
+    tool = f'echo "$(basename "$0") $*" >> {log}; case "$*" in *pytest*) exit {pytest_rc};; esac; exit 0'
+    for name, body in (("python3", venv + "\n" + tool), ("python", tool), ("pip", tool)):
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CI": "true"}
+    proc = subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert proc.returncode == ci_rc, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[-2:] == ["pip install -e .[test]", "python -m pytest -q"]
+
+
+def test_the_cli_reference_lists_exactly_the_options() -> None:
+    from onnx_gradcam.cli import main
+
+    reference = README.split("## Command line", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    for line in reference.split("onnx-gradcam ")[1:]:
+        name = line.split()[0]
+        command = main.commands[name]
+        known = {opt for param in command.params for opt in param.opts}
+        used = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line))
+        assert used <= known, f"{name}: {sorted(used - known)} are not options of `onnx-gradcam {name}`"
+        options = [param for param in command.params if param.opts[0].startswith("-")]
+        missing = [param.opts[0] for param in options if not used & set(param.opts)]
+        assert not missing, f"the README's reference of `onnx-gradcam {name}` lacks {missing}"

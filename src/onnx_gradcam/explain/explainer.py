@@ -17,6 +17,7 @@ from ..errors import BadInputError
 from ..surgery.load import load_model
 from ..surgery.prepare import PRESETS, Preprocess, prepare_model, read_metadata
 from .images import load_image
+from .overlay import overlay
 from .preprocess import InputSpec, to_tensor
 from .session import create_session, run_session
 
@@ -45,14 +46,36 @@ class ExplainResult:
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def save(self, folder: str | os.PathLike[str], names: Sequence[str] | None = None) -> list[Path]:
-        """Write each sample's normalised map as `<name>.npy` and all fields to `result.json`."""
+    def save(
+        self,
+        folder: str | os.PathLike[str],
+        names: Sequence[str] | None = None,
+        images: Sequence[ImageLike] | None = None,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+    ) -> list[Path]:
+        """Write each sample's map as `<name>.npy`, its overlay as `<name>.png` when `images` (the
+        pictures explained, paths or PIL images) are given, and all fields to `result.json`.
+
+        Example:
+            >>> result = exp.explain(paths)
+            >>> result.save("maps", names=[Path(p).stem for p in paths], images=paths)
+        """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         names = list(names) if names is not None else [f"sample{i}" for i in range(len(self.maps))]
+        if len(names) != len(self.maps) or (images is not None and len(images) != len(self.maps)):
+            raise BadInputError(
+                f"{len(names)} names and {len(images) if images is not None else 0} images for "
+                f"{len(self.maps)} maps: to fix this, give one per sample"
+            )
         written = []
-        for name, m in zip(names, self.maps):
+        for i, (name, m) in enumerate(zip(names, self.maps)):
             written.append(_atomic_npy(out / f"{name}.npy", m))
+            if images is not None:
+                item = images[i]
+                img = item if isinstance(item, Image.Image) else load_image(item)
+                written.append(_atomic_png(out / f"{name}.png", overlay(img, m, colormap, alpha)))
         summary = {
             "method": self.method,
             "feature_layer": self.feature_layer,
@@ -65,6 +88,13 @@ class ExplainResult:
         path = out / "result.json"
         _atomic_text(path, json.dumps(summary, indent=2) + "\n")
         return [*written, path]
+
+
+def _atomic_png(path: Path, image: Image.Image) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> Path:
