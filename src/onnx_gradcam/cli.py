@@ -199,14 +199,16 @@ Examples:
 )
 @click.option("--mean", help="Per-channel mean of pixels/255, e.g. 0.5,0.5,0.5 (with --std).")
 @click.option("--std", help="Per-channel std of pixels/255, e.g. 0.5,0.5,0.5 (with --mean).")
-@click.option("--size", help="Network input size HxW or S (default: the model's static size).")
+@click.option("--size", help="Network input size HxW (height x width) or S for SxS (default: the model's fixed size).")
 @click.option(
     "--layout", type=click.Choice(["nchw", "nhwc"]), help="Input layout (default: detected from the input shape)."
 )
 @click.option("--bgr", is_flag=True, help="Feed channels in BGR order.")
 @click.option("--class", "target", help="Class to explain: an index, or a name with --labels (default: top-1).")
 @click.option(
-    "--labels", type=click.Path(dir_okay=False, exists=True, path_type=Path), help="Text file, one class name per line."
+    "--labels",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Text file, one class name per line (default: MODEL.labels.txt or labels.txt beside MODEL, if it names every class).",
 )
 @click.option("--top-k", type=click.IntRange(1, 1000), help="Write one overlay per class among the K best.")
 @click.option(
@@ -219,7 +221,9 @@ Examples:
     help="Models prepared with --target seed, detection heads [N, boxes, 5 + classes]: explain box I's --class score.",
 )
 @click.option("--method", help="Which prepared method to draw (default: the first).")
-@click.option("--colormap", type=click.Choice(list(COLORMAPS)), default="jet", show_default=True)
+@click.option(
+    "--colormap", type=click.Choice(list(COLORMAPS)), default="jet", show_default=True, help="Colours of the heat map."
+)
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
@@ -234,7 +238,9 @@ Examples:
     show_default=True,
     help="How the map is resized to the original image.",
 )
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images per onnxruntime run."
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
