@@ -96,6 +96,19 @@ class TensorInfo:
         return self.constants.get(name)
 
 
+@dataclass(frozen=True)
+class LinearBack:
+    """dX = alpha dY M for a constant matrix M [outputs, inputs]: M = `weight` if `rows_out`,
+    else its transpose. `dy` is dY, or with `gather` the class index [N] of a one-hot dY, so
+    that dX = alpha M[class]."""
+
+    dy: str
+    weight: str
+    rows_out: bool
+    alpha: float = 1.0
+    gather: bool = False
+
+
 @dataclass
 class RuleContext:
     """Everything a gradient rule needs: the builder, the forward graph's facts, the options."""
@@ -108,6 +121,11 @@ class RuleContext:
     one_hot: dict[str, str] = field(default_factory=dict)
     # gradient tensors constant over the spatial axes: name -> their value at [N, C, 1, ...]
     spatial_constant: dict[str, str] = field(default_factory=dict)
+    # gradient tensors whose sum over the spatial axes is known more cheaply than the tensor:
+    # name -> that sum at [N, C, 1, ...] (Grad-CAM's weights need only this)
+    channel_sum: dict[str, str] = field(default_factory=dict)
+    # gradients of a constant-weight product: dX -> how dX = alpha dY M was made (see LinearBack)
+    linear_back: dict[str, LinearBack] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.opset = self.b.opset

@@ -19,6 +19,7 @@ from onnx import TensorProto
 from ..autodiff.backprop import backprop
 from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import RuleContext, TensorInfo
+from ..autodiff.rules.pooling import inverse_spatial_count
 from ..errors import BadInputError
 from .methods import METHODS
 
@@ -149,7 +150,7 @@ def append_cam(
             rank = info.rank(feature)
             assert rank is not None
             if method == "gradcam":
-                alpha = ctx.spatial_constant.get(grad)  # the gradient's spatial mean, when known
+                alpha = _known_spatial_mean(ctx, feature, grad)
                 if alpha is not None and negate:
                     alpha = b.op("Neg", [alpha])
                 cam = gradcam_weighted_sum(b, info, feature, g, rank, alpha)
@@ -211,6 +212,16 @@ def _map_sizes(b: GraphBuilder, image: str, image_shape: Sequence[object], layou
         "Gather", [b.shape_of(image), b.const(np.array(spatial_axes(image_shape, layout), np.int64), "axes")], axis=0
     )
     return b.op("Concat", [b.shape_of(image, 0, 1), b.const(np.array([1], np.int64), "one"), spatial], axis=0)
+
+
+def _known_spatial_mean(ctx: RuleContext, feature: str, grad: str) -> str | None:
+    """The gradient's spatial mean [N, C, 1, ...] when a rule left it cheaper than ReduceMean of
+    the gradient (then the gradient itself is often never computed)."""
+    if grad in ctx.spatial_constant:
+        return ctx.spatial_constant[grad]
+    if grad not in ctx.channel_sum:
+        return None
+    return ctx.b.op("Mul", [ctx.channel_sum[grad], inverse_spatial_count(ctx, feature)])
 
 
 def gradcam_weighted_sum(b: GraphBuilder, info: TensorInfo, a: str, g: str, rank: int, alpha: str | None) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from ..context import RuleContext
+from ..context import LinearBack, RuleContext
 from ._common import spatial_pads, unbroadcast
 
 Grads = list[str | None]
@@ -49,10 +49,13 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
             row = b.op("Gather", [B, ctx.one_hot[dy]], axis=0 if tb else 1)
             row = row if tb else b.transpose(row, [1, 0])
             out[0] = row if alpha == 1.0 else b.op("Mul", [row, ctx.scalar_like(node.output[0], alpha)])
+            ctx.linear_back[out[0]] = LinearBack(ctx.one_hot[dy], B, rows_out=bool(tb), alpha=alpha, gather=True)
         elif ta:
             out[0] = b.op("Gemm", [B, dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
             out[0] = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
+            if ctx.info.const(B) is not None:
+                ctx.linear_back[out[0]] = LinearBack(dy, B, rows_out=bool(tb), alpha=alpha)
     if wrt[1]:
         at = A if ta else b.transpose(A, [1, 0])
         db = b.op("MatMul", [at, dy])
@@ -78,12 +81,19 @@ def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     if wrt[0] and dy in ctx.one_hot and ra == 2 and rb == 2 and ctx.info.const(B) is not None:
         # one-hot dY: dA = dY B^T is the explained class's column of B
         da = b.transpose(b.op("Gather", [B, ctx.one_hot[dy]], axis=1), [1, 0])
+        ctx.linear_back[da] = LinearBack(ctx.one_hot[dy], B, rows_out=False, gather=True)
     elif wrt[0]:
         bt = _transposed_weight(ctx, B)
-        da = unbroadcast(ctx, b.op("MatMul", [dy, bt]), A, y)
+        da = b.op("MatMul", [dy, bt])
+        if rb > 2:  # with a 2-D B, dY @ B^T already has A's shape
+            da = unbroadcast(ctx, da, A, y)
+        if ra == 2 and rb == 2 and ctx.info.const(B) is not None:
+            ctx.linear_back[da] = LinearBack(dy, B, rows_out=False)
     if wrt[1]:
         at = _transposed_weight(ctx, A)
-        db = unbroadcast(ctx, b.op("MatMul", [at, dy]), B, y)
+        db = b.op("MatMul", [at, dy])
+        if ra > 2:  # with a 2-D A, A^T @ dY already has B's shape
+            db = unbroadcast(ctx, db, B, y)
     return [da, db]
 
 

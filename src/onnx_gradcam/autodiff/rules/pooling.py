@@ -16,7 +16,7 @@ from .linear import conv_transpose_to, same_pads
 Grads = list[str | None]
 
 
-def _spatial_count(ctx: RuleContext, x: str) -> str:
+def inverse_spatial_count(ctx: RuleContext, x: str) -> str:
     """1 / (number of spatial elements of x), constant where the shape is static."""
     shape = ctx.info.shape(x)
     if shape is not None and all(isinstance(d, int) for d in shape[2:]):
@@ -34,9 +34,10 @@ def global_average_pool(
     assert dy is not None
     x = node.input[0]
     b = ctx.b
-    mean = b.op("Mul", [dy, _spatial_count(ctx, x)])
+    mean = b.op("Mul", [dy, inverse_spatial_count(ctx, x)])
     dx = b.op("Expand", [mean, b.shape_of(x)])
     ctx.spatial_constant[dx] = mean  # Grad-CAM's weights are this, without the Expand
+    ctx.channel_sum[dx] = dy
     return [dx]
 
 
@@ -98,36 +99,39 @@ def _window_counts(
     return np.array(counts, np.float64)
 
 
+def _window_grid(ctx: RuleContext, node: onnx.NodeProto, include_pad: bool) -> np.ndarray:
+    """Each output window's number of taps over Y's spatial grid (padding counted or not)."""
+    xs, ys, kernel, strides, dilations, begin, end = _pool_geometry(ctx, node)
+    n = len(kernel)
+    grid = np.ones(ys[2:], np.float64)
+    for axis in range(n):
+        geometry = (kernel[axis], strides[axis], dilations[axis], begin[axis], end[axis])
+        c = _window_counts(xs[2 + axis], ys[2 + axis], *geometry, include_pad)
+        shape = [1] * n
+        shape[axis] = -1
+        grid = grid * c.reshape(shape)
+    return grid
+
+
 def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = window mean of X:  dX = conv_transpose(dY / count, ones), depthwise, where count is
     each window's divisor (padding counted or not, ceil_mode windows clipped), folded at prepare time."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
-    xs, ys, kernel, strides, dilations, begin, end = _pool_geometry(ctx, node)
+    xs, ys, kernel, strides, dilations, begin, _ = _pool_geometry(ctx, node)
     include_pad = bool(ctx.attrs(node).get("count_include_pad", 0))
-    n = len(kernel)
-    grid = np.ones(ys[2:], np.float64)
-    for axis in range(n):
-        c = _window_counts(
-            xs[2 + axis],
-            ys[2 + axis],
-            kernel[axis],
-            strides[axis],
-            dilations[axis],
-            begin[axis],
-            end[axis],
-            include_pad,
-        )
-        shape = [1] * n
-        shape[axis] = -1
-        grid = grid * c.reshape(shape)
+    grid = _window_grid(ctx, node, include_pad)
     counts = 1.0 / np.maximum(grid, 1.0)
     channels = xs[1]
     b = ctx.b
     scaled = b.op("Mul", [dy, ctx.const_like(x, counts[None, None], "pool_divisor")])
     ones = ctx.const_like(x, np.ones([channels, 1, *kernel]), "pool_ones")
-    return [conv_transpose_to(ctx, scaled, ones, channels, kernel, strides, dilations, begin, xs[2:], ys[2:])]
+    dx = conv_transpose_to(ctx, scaled, ones, channels, kernel, strides, dilations, begin, xs[2:], ys[2:])
+    if dy in ctx.channel_sum and (not include_pad or np.array_equal(grid, _window_grid(ctx, node, False))):
+        # each window spreads dY over exactly the taps it divides by: spatial sums carry over
+        ctx.channel_sum[dx] = ctx.channel_sum[dy]
+    return [dx]
 
 
 def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
@@ -157,4 +161,7 @@ def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], 
         axis=0,
         **scatter_attrs,
     )
-    return [b.op("Reshape", [dxf, b.shape_of(x)])]
+    dx = b.op("Reshape", [dxf, b.shape_of(x)])
+    if dy in ctx.channel_sum:  # each window's dY lands on one tap: spatial sums carry over
+        ctx.channel_sum[dx] = ctx.channel_sum[dy]
+    return [dx]
