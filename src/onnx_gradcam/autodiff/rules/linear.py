@@ -48,14 +48,16 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         if dy in ctx.one_hot and not ta and ctx.info.const(B) is not None:
             row = b.op("Gather", [B, ctx.one_hot[dy]], axis=0 if tb else 1)
             row = row if tb else b.transpose(row, [1, 0])
-            out[0] = row if alpha == 1.0 else b.op("Mul", [row, ctx.scalar_like(node.output[0], alpha)])
-            ctx.linear_back[out[0]] = LinearBack(ctx.one_hot[dy], B, rows_out=bool(tb), alpha=alpha, gather=True)
+            da = row if alpha == 1.0 else b.op("Mul", [row, ctx.scalar_like(node.output[0], alpha)])
+            ctx.linear_back[da] = LinearBack(ctx.one_hot[dy], B, rows_out=bool(tb), alpha=alpha, gather=True)
+            out[0] = da
         elif ta:
             out[0] = b.op("Gemm", [B, dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
-            out[0] = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
+            da = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
             if ctx.info.const(B) is not None:
-                ctx.linear_back[out[0]] = LinearBack(dy, B, rows_out=bool(tb), alpha=alpha)
+                ctx.linear_back[da] = LinearBack(dy, B, rows_out=bool(tb), alpha=alpha)
+            out[0] = da
     if wrt[1]:
         at = A if ta else b.transpose(A, [1, 0])
         db = b.op("MatMul", [at, dy])
