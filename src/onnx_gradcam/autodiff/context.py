@@ -146,6 +146,16 @@ class RuleContext:
     def const_like(self, name: str, value: np.ndarray, hint: str = "const") -> str:
         return self.b.const(np.asarray(value, dtype=self.np_dtype(name)), hint)
 
+    def reshape_to(self, name: str) -> str:
+        """A Reshape target for a tensor with as many elements as `name` becoming its shape: a
+        constant where all but the batch size are known (-1 takes the batch), else Shape(name)."""
+        full, rest = self.info.static_dims(name, 0), self.info.static_dims(name, 1)
+        if full is not None:
+            return self.b.const(np.array(full, np.int64), "shape")
+        if rest is not None and self.info.rank(name):
+            return self.b.const(np.array([-1, *rest], np.int64), "shape")
+        return self.b.shape_of(name)
+
     def zeros_like(self, name: str) -> str:
         return self.b.zeros_like(name, self.info.dtype(name))
 

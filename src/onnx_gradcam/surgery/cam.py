@@ -233,7 +233,11 @@ def gradcam_weighted_sum(b: GraphBuilder, info: TensorInfo, a: str, g: str, rank
     row = b.op("Reshape", [alpha, b.const(np.array([0, 1, channels], np.int64), "shape")])
     flat = b.op("Reshape", [a, b.const(np.array([0, channels, -1], np.int64), "shape")])
     summed = b.op("MatMul", [row, flat])  # [N, 1, HW]
-    out_shape = b.op("Concat", [b.shape_of(a, 0, 1), b.shape_of(a, 2)], axis=0)
+    spatial = info.static_dims(a, 2)
+    if spatial is not None:
+        out_shape = b.const(np.array([-1, *spatial], np.int64), "shape")
+    else:
+        out_shape = b.op("Concat", [b.shape_of(a, 0, 1), b.shape_of(a, 2)], axis=0)
     return b.op("Reshape", [summed, out_shape])
 
 
@@ -262,13 +266,12 @@ def upsample(b: GraphBuilder, raw: str, sizes: str) -> str:
 def normalise(b: GraphBuilder, x: str, rank: int) -> str:
     """Per-sample min-max to [0, 1]; a constant map becomes all zeros (no 0/0).
 
-    map = (x - min) / (max - min) where max > min, else 0: scale-invariant, no epsilon.
+    map = (x - min) / max(max - min, t), t the smallest normal float32 (1.2e-38): scale-invariant
+    for any map whose range is a normal number; a constant map gives 0 / t = 0.
     """
     axes = list(range(1, rank))
     lo = b.reduce("ReduceMin", x, axes, keepdims=True)
     hi = b.reduce("ReduceMax", x, axes, keepdims=True)
-    span = b.op("Sub", [hi, lo])
-    zero = b.const(np.array(0.0, np.float32), "zero")
-    one = b.const(np.array(1.0, np.float32), "one")
-    safe = b.op("Where", [b.op("Greater", [span, zero]), span, one])
-    return b.op("Div", [b.op("Sub", [x, lo]), safe], hint="map")
+    tiny = b.const(np.array(np.finfo(np.float32).tiny, np.float32), "tiny")
+    span = b.op("Max", [b.op("Sub", [hi, lo]), tiny])
+    return b.op("Div", [b.op("Sub", [x, lo]), span], hint="map")

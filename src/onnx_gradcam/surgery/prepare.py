@@ -143,10 +143,17 @@ def prepare_model(
         after = _node_output(graph, err.node_name)
         raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
 
+    renamed: dict[str, str] = {}
+    produced = {o for node in b.nodes for o in node.output}
     for public_name, (internal, dtype, shape) in outs.tensors.items():
         b.reserve(public_name)
-        b.nodes.append(helper.make_node("Identity", [internal], [public_name], name=b.fresh(f"{public_name}_out")))
+        if internal in produced and internal not in renamed:
+            renamed[internal] = public_name  # the appended node writes the output itself
+        else:  # an original tensor (exposed features) or one already public under another name
+            source = renamed.get(internal, internal)
+            b.nodes.append(helper.make_node("Identity", [source], [public_name], name=b.fresh(f"{public_name}_out")))
         graph.output.append(helper.make_tensor_value_info(public_name, dtype, [_dim(d) for d in shape]))
+    _rename(b.nodes, renamed)
 
     nodes, inits = _live(b.nodes, b.initializers, set(outs.tensors))
     graph.node.extend(nodes)
@@ -193,6 +200,15 @@ def prepare_model(
         tuple(outs.tensors),
     )
     return work, report
+
+
+def _rename(nodes: list[onnx.NodeProto], names: dict[str, str]) -> None:
+    """Rename tensors of appended nodes in place (internal name -> public output name)."""
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = names.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = names.get(name, name)
 
 
 def _live(

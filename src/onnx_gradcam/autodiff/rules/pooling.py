@@ -58,7 +58,7 @@ def global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | 
     mask = b.op("Equal", [positions, idx])
     dyf = b.op("Reshape", [dy, flat_shape])
     dxf = b.op("Where", [mask, dyf, ctx.scalar_like(x, 0.0)])
-    return [b.op("Reshape", [dxf, b.shape_of(x)])]
+    return [b.op("Reshape", [dxf, ctx.reshape_to(x)])]
 
 
 def _pool_geometry(
@@ -161,7 +161,7 @@ def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], 
         axis=0,
         **scatter_attrs,
     )
-    dx = b.op("Reshape", [dxf, b.shape_of(x)])
+    dx = b.op("Reshape", [dxf, ctx.reshape_to(x)])
     if dy in ctx.channel_sum:  # each window's dY lands on one tap: spatial sums carry over
         ctx.channel_sum[dx] = ctx.channel_sum[dy]
     return [dx]

@@ -18,9 +18,7 @@ def reshape_back(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
-    static = ctx.info.static_shape(x)
-    target = ctx.b.const(np.array(static, np.int64), "shape") if static else ctx.b.shape_of(x)
-    dx = ctx.b.op("Reshape", [dy, target])
+    dx = ctx.b.op("Reshape", [dy, ctx.reshape_to(x)])
     if dy in ctx.linear_back:
         _flattened_channel_sum(ctx, node, dy, dx)
     return [dx] + [None] * (len(node.input) - 1)
