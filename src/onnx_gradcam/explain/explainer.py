@@ -244,7 +244,7 @@ class Explainer:
                 feeds["gradcam_class"] = classes[start : start + self.batch_size]
             values = run_session(self.session, feeds)
             parts.append(dict(zip(self.output_names, values)))
-        got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        got = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         logits = got.get(self.reduction) if not is_seed else None
         probs = _softmax(logits) if logits is not None and logits.ndim == 2 else None
         extra = {k: v for k, v in got.items() if k.startswith("gradcam_") and k not in (map_name, raw_name)}
