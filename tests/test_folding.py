@@ -17,6 +17,7 @@ import pytest
 from onnx_gradcam import prepare
 
 from .conftest import cpu_session, rel_err
+from .models import export
 from .torch_ref import gradcam_reference, hooked
 
 torch = pytest.importorskip("torch")
@@ -34,20 +35,6 @@ def dense_head(pool: nn.Module | None, hidden: int | None) -> nn.Module:
         flat = pooled(feature(torch.zeros(1, 3, SIZE, SIZE))).numel()
     head = [nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, 5)] if hidden else [nn.Linear(flat, 5)]
     return nn.Sequential(feature, pooled, nn.Flatten(), *head).eval()
-
-
-def export(model: nn.Module, path: Path) -> Path:
-    torch.onnx.export(
-        model,
-        torch.randn(1, 3, SIZE, SIZE),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
-    return path
 
 
 def folded(path: Path) -> bool:
@@ -72,7 +59,7 @@ CASES = {
 def test_folded_weights_equal_autograd(name: str, tmp_path: Path) -> None:
     pool, hidden, expect_fold = CASES[name]
     model = dense_head(pool, hidden)
-    src = export(model, tmp_path / "m.onnx")
+    src = export(model, tmp_path / "m.onnx", size=SIZE)
     feature = next(n.output[0] for n in onnx.load(str(src)).graph.node if n.op_type == "Relu")
     x = np.random.RandomState(1).randn(3, 3, SIZE, SIZE).astype(np.float32)
     classes = np.array([2, -1, 4], np.int64)  # -1: the top class
@@ -101,7 +88,7 @@ def test_folded_weights_equal_autograd(name: str, tmp_path: Path) -> None:
 
 def test_fold_drops_the_backward_product_with_the_large_weight(tmp_path: Path) -> None:
     model = dense_head(nn.MaxPool2d(2), 16)
-    src = export(model, tmp_path / "m.onnx")
+    src = export(model, tmp_path / "m.onnx", size=SIZE)
     first = model[3].weight.shape  # the Linear after Flatten: [16, 8 * 6 * 6]
     feature = next(n.output[0] for n in onnx.load(str(src)).graph.node if n.op_type == "Relu")
     out = tmp_path / "m.gradcam.onnx"
