@@ -26,7 +26,8 @@ def _full_shape(reduction_shape: Sequence[Dim], batch: int | None, min_rank: int
     if len(shape) < min_rank:
         raise BadInputError(
             f"{what} needs the reduction tensor's shape with its batch axis first and rank >= {min_rank}, "
-            f"got {shape}: to fix this, pass the shape of the session's 'gradcam_seed' input (as session.get_inputs() lists it)"
+            f"got {shape}: to fix this, pass the shape of the session's 'gradcam_seed' input "
+            "(as session.get_inputs() lists it)"
         )
     rest = shape[1:]
     if not all(isinstance(d, (int, np.integer)) and d > 0 for d in rest):
