@@ -14,6 +14,8 @@ from ._common import spatial_pads
 from .linear import conv_transpose_to, same_pads
 
 Grads = list[str | None]
+# X's and Y's dims ([0, C, *spatial]), kernel, strides, dilations, pads at begin and end
+Geometry = tuple[tuple[int, ...], tuple[int, ...], list[int], list[int], list[int], list[int], list[int]]
 
 
 def inverse_spatial_count(ctx: RuleContext, x: str) -> str:
@@ -61,9 +63,7 @@ def global_max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | 
     return [b.op("Reshape", [dxf, ctx.reshape_to(x)])]
 
 
-def _pool_geometry(
-    ctx: RuleContext, node: onnx.NodeProto
-) -> tuple[tuple[int, ...], tuple[int, ...], list[int], list[int], list[int], list[int], list[int]]:
+def _pool_geometry(ctx: RuleContext, node: onnx.NodeProto) -> Geometry:
     x, y = node.input[0], node.output[0]
     xs, ys = ctx.info.static_dims(x, 1), ctx.info.static_dims(y, 1)
     if xs is None or ys is None:
@@ -99,14 +99,15 @@ def _window_counts(
     return np.array(counts, np.float64)
 
 
-def _window_grid(ctx: RuleContext, node: onnx.NodeProto, include_pad: bool) -> np.ndarray:
-    """Each output window's number of taps over Y's spatial grid (padding counted or not)."""
-    xs, ys, kernel, strides, dilations, begin, end = _pool_geometry(ctx, node)
+def _window_grid(geometry: Geometry, include_pad: bool) -> np.ndarray:
+    """Each output window's number of taps over Y's spatial grid (padding counted or not), for
+    the geometry `_pool_geometry` returns."""
+    xs, ys, kernel, strides, dilations, begin, end = geometry
     n = len(kernel)
     grid = np.ones(ys[2:], np.float64)
     for axis in range(n):
-        geometry = (kernel[axis], strides[axis], dilations[axis], begin[axis], end[axis])
-        c = _window_counts(xs[2 + axis], ys[2 + axis], *geometry, include_pad)
+        window = (kernel[axis], strides[axis], dilations[axis], begin[axis], end[axis])
+        c = _window_counts(xs[2 + axis], ys[2 + axis], *window, include_pad)
         shape = [1] * n
         shape[axis] = -1
         grid = grid * c.reshape(shape)
@@ -119,16 +120,17 @@ def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
-    xs, ys, kernel, strides, dilations, begin, _ = _pool_geometry(ctx, node)
+    geometry = _pool_geometry(ctx, node)
+    xs, ys, kernel, strides, dilations, begin, _ = geometry
     include_pad = bool(ctx.attrs(node).get("count_include_pad", 0))
-    grid = _window_grid(ctx, node, include_pad)
+    grid = _window_grid(geometry, include_pad)
     counts = 1.0 / np.maximum(grid, 1.0)
     channels = xs[1]
     b = ctx.b
     scaled = b.op("Mul", [dy, ctx.const_like(x, counts[None, None], "pool_divisor")])
     ones = ctx.const_like(x, np.ones([channels, 1, *kernel]), "pool_ones")
     dx = conv_transpose_to(ctx, scaled, ones, channels, kernel, strides, dilations, begin, xs[2:], ys[2:])
-    if dy in ctx.channel_sum and (not include_pad or np.array_equal(grid, _window_grid(ctx, node, False))):
+    if dy in ctx.channel_sum and (not include_pad or np.array_equal(grid, _window_grid(geometry, False))):
         # each window spreads dY over exactly the taps it divides by: spatial sums carry over
         ctx.channel_sum[dx] = ctx.channel_sum[dy]
     return [dx]
