@@ -3,9 +3,11 @@
     python tools/export_torchvision.py [--out DIR] [--dynamo] [NAME ...]
 
 TorchScript exporter (dynamo=False), opset 17, input 'input' and output 'logits' with a dynamic
-batch axis, weights=None under torch.manual_seed(0): the same weights every time, so a test can
-rebuild the torch model and compare. `--dynamo` uses torch.export instead (opset 18 in torch 2.14).
-torch and torchvision are dev/test dependencies; the package never imports them.
+batch axis, weights=None under torch.manual_seed(0), then conditioned (`condition`): BatchNorm
+statistics measured on random images, or for nets without BatchNorm, weights rescaled so each
+layer's output has unit spread. The conditioned state is cached beside the export, so a test
+rebuilds exactly the exported weights. `--dynamo` uses torch.export instead (opset 18 in
+torch 2.14). torch and torchvision are dev/test dependencies; the package never imports them.
 """
 
 from __future__ import annotations
@@ -37,13 +39,79 @@ def input_size(name: str) -> int:
     return 299 if name == "inception_v3" else 224
 
 
-def build(name: str):  # -> torch.nn.Module
-    """The torchvision model with the deterministic random weights every export uses."""
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
+CONDITIONING = "c1"  # part of the cached file names: bump it when `condition` changes
+
+
+def condition(model, shape: tuple[int, ...], batches: int = 4, seed: int = 0):  # -> torch.nn.Module
+    """Make random weights well-conditioned: activations and logits of order 1, not 1e-14 or 1e12.
+
+    With default BatchNorm statistics (mean 0, variance 1) a random deep net's activations shrink
+    or grow by a constant factor per block; many ReLU inputs then sit within float32 rounding of
+    zero, and a correct gradient differs between CPUs. So: BatchNorm statistics become the
+    cumulative average (momentum=None) of `batches` train-mode passes on uniform [0, 1) images
+    (the test inputs' distribution). A net without BatchNorm (vgg, squeezenet, alexnet) gets each
+    Conv/Linear scaled, in forward order, so its output has unit standard deviation (LSUV). The
+    model comes back in eval mode.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    batch = [torch.rand(shape, generator=gen) for _ in range(batches)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        if norms:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            for x in batch:
+                model(x)
+            for m in norms:
+                m.momentum = 0.1
+        else:
+            model.eval()
+            handles = []
+
+            def unit_spread(module, _inputs, out):  # type: ignore[no-untyped-def]
+                # out = W x + b: dividing W and b by s divides out by s; later layers see the result
+                s = float(out.std())
+                module.weight.div_(s)
+                if module.bias is not None:
+                    module.bias.div_(s)
+                return out / s
+
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                    handles.append(m.register_forward_hook(unit_spread))
+            model(torch.cat(batch))
+            for h in handles:
+                h.remove()
+    return model.eval()
+
+
+def build(name: str, cache: Path = DEFAULT_CACHE):  # -> torch.nn.Module
+    """The torchvision model with the conditioned random weights every export uses.
+
+    The conditioned state dict is cached: BatchNorm statistics are sums whose rounding depends on
+    the thread count, and a test must rebuild the very weights that were exported.
+    """
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    return getattr(torchvision.models, name)(weights=None).eval()
+    model = getattr(torchvision.models, name)(weights=None)
+    state = Path(cache) / f"{name}.{CONDITIONING}.pt"
+    if state.is_file():
+        model.load_state_dict(torch.load(state, weights_only=True))
+        return model.eval()
+    size = input_size(name)
+    condition(model, (8, 3, size, size))
+    state.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state.with_suffix(".part")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(state)
+    return model
 
 
 def export(name: str, out_dir: Path, dynamo: bool = False) -> Path:
@@ -53,10 +121,10 @@ def export(name: str, out_dir: Path, dynamo: bool = False) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / (f"{name}.dynamo.onnx" if dynamo else f"{name}.onnx")
+    path = out_dir / (f"{name}.{CONDITIONING}.dynamo.onnx" if dynamo else f"{name}.{CONDITIONING}.onnx")
     if path.is_file():
         return path
-    model = build(name)
+    model = build(name, out_dir)
     size = input_size(name)
     x = torch.randn(1, 3, size, size)
     tmp = path.with_suffix(".part")
@@ -96,7 +164,7 @@ def export(name: str, out_dir: Path, dynamo: bool = False) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", default=ARCHITECTURES)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / ".cache" / "models")
+    p.add_argument("--out", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (opset 18)")
     args = p.parse_args()
     for name in args.names:
