@@ -22,3 +22,23 @@ def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
         else 0.0
     )
     return diff / scale if scale > 0 else diff
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    """The conditioning margins of the exactness cases (tests/conditioning.py), per test file."""
+    from .conditioning import MARGINS
+
+    if not MARGINS:
+        return
+    terminalreporter.section("conditioning: largest float32-vs-float64 error / tolerance per test file")
+    for test_file in sorted({m[0] for m in MARGINS}):
+        rows = [m for m in MARGINS if m[0] == test_file and not m[1].endswith("(derived)")]
+        derived = [m for m in MARGINS if m[0] == test_file and m[1].endswith("(derived)") and m[2] > 0]
+        if rows:
+            worst = max(rows, key=lambda m: m[2])
+            line = f"{test_file}: {len(rows)} cases, largest {worst[2]:.2e} ({worst[1]})"
+        else:
+            line = f"{test_file}: no conditioned case"
+        if derived:
+            line += f"; derived tolerances in {len(derived)} forward comparisons"
+        terminalreporter.write_line(line)

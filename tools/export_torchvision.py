@@ -90,23 +90,19 @@ def condition(model, shape: tuple[int, ...], batches: int = 4, seed: int = 0):  
     return model.eval()
 
 
-def build(name: str, cache: Path = DEFAULT_CACHE):  # -> torch.nn.Module
-    """The torchvision model with the conditioned random weights every export uses.
+def conditioned(key: str, model, shape: tuple[int, ...], cache: Path = DEFAULT_CACHE):  # -> torch.nn.Module
+    """`model` conditioned on inputs of `shape`, its state cached as `<cache>/<key>.<CONDITIONING>.pt`.
 
-    The conditioned state dict is cached: BatchNorm statistics are sums whose rounding depends on
-    the thread count, and a test must rebuild the very weights that were exported.
+    BatchNorm statistics are sums whose rounding depends on the thread count, and a test must
+    rebuild the very weights that were exported: the first call measures and saves, later ones load.
     """
     import torch
-    import torchvision
 
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None)
-    state = Path(cache) / f"{name}.{CONDITIONING}.pt"
+    state = Path(cache) / f"{key}.{CONDITIONING}.pt"
     if state.is_file():
         model.load_state_dict(torch.load(state, weights_only=True))
         return model.eval()
-    size = input_size(name)
-    condition(model, (8, 3, size, size))
+    condition(model, shape)
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_suffix(".part")
     torch.save(model.state_dict(), tmp)
@@ -114,18 +110,38 @@ def build(name: str, cache: Path = DEFAULT_CACHE):  # -> torch.nn.Module
     return model
 
 
-def export(name: str, out_dir: Path, dynamo: bool = False) -> Path:
-    """Write `<out_dir>/<name>.onnx` (or `<name>.dynamo.onnx`) unless it exists; returns its path."""
+def build(name: str, cache: Path = DEFAULT_CACHE, size: int | None = None):  # -> torch.nn.Module
+    """The torchvision model with the conditioned random weights every export at `size` uses.
+
+    inception_v3 is built without its auxiliary classifier (used in training only), whose
+    train-mode pass during conditioning needs inputs of at least 299 pixels.
+    """
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    size = size or input_size(name)
+    extra = {"aux_logits": False, "init_weights": True} if name == "inception_v3" else {}
+    net = getattr(torchvision.models, name)(weights=None, **extra)
+    return conditioned(f"{name}.{size}", net, (8, 3, size, size), cache)
+
+
+def export(name: str, out_dir: Path, dynamo: bool = False, size: int | None = None) -> Path:
+    """Write `<out_dir>/<name>.<size>.<CONDITIONING>[.dynamo].onnx` unless it exists; its path.
+
+    The input is [batch, 3, size, size] (default: the architecture's own size, `input_size`).
+    """
     import onnx
     import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / (f"{name}.{CONDITIONING}.dynamo.onnx" if dynamo else f"{name}.{CONDITIONING}.onnx")
+    size = size or input_size(name)
+    stem = f"{name}.{size}.{CONDITIONING}"
+    path = out_dir / (f"{stem}.dynamo.onnx" if dynamo else f"{stem}.onnx")
     if path.is_file():
         return path
-    model = build(name, out_dir)
-    size = input_size(name)
+    model = build(name, out_dir, size)
     x = torch.randn(1, 3, size, size)
     tmp = path.with_suffix(".part")
     with warnings.catch_warnings():
