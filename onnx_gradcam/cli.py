@@ -102,6 +102,13 @@ def main() -> None:
     is_flag=True,
     help="Also output the feature map and its gradient (gradcam_features, gradcam_gradient).",
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the self-check (load the result in onnxruntime on the CPU and run a probe batch beside MODEL): "
+    "faster and half the memory for models too large to run twice, but a result that does not load or "
+    "run, or changes an original output, is then written without an error.",
+)
 def prepare_cmd(
     model: Path,
     output: Path | None,
@@ -113,12 +120,15 @@ def prepare_cmd(
     target: str,
     preprocess: str | None,
     expose_gradient: bool,
+    no_verify: bool,
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
 
     The result has every original input and output, plus an optional input `gradcam_class`
     (int64 per sample; omitted or negative = top-1) and outputs `gradcam_map` (at the input's
-    size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`.
+    size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`. Before anything
+    is written the result is run in onnxruntime beside MODEL on a probe batch; if it fails to
+    load or run, or breaks that contract, the error names the failing node and no file is written.
     """
     try:
         report = prepare(
@@ -132,6 +142,7 @@ def prepare_cmd(
             counterfactual=counterfactual,
             guided=guided,
             target=target,
+            verify=not no_verify,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
@@ -140,6 +151,12 @@ def prepare_cmd(
     click.echo(f"reduction layer: {report.reduction_tensor}")
     click.echo(f"methods:         {', '.join(report.methods)}")
     click.echo(f"outputs:         {', '.join(report.outputs)}")
+    if no_verify:
+        click.echo("verified:        no (--no-verify)")
+    else:
+        click.echo(
+            "verified:        loads and runs in onnxruntime (CPU); original outputs equal MODEL's on a probe batch"
+        )
     click.echo(f"wrote {out}")
 
 

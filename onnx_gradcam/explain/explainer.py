@@ -20,6 +20,7 @@ from .images import load_image
 from .overlay import overlay
 from .preprocess import InputSpec, to_tensor
 from .session import create_session, run_session
+from .verify import verify_prepared
 
 Target = int | str | Sequence[int | str] | None
 ImageLike = str | os.PathLike[str] | Image.Image
@@ -134,14 +135,19 @@ class Explainer:
         labels: Sequence[str] | str | os.PathLike[str] | None = None,
         size: tuple[int, int] | None = None,
         layout: str | None = None,
+        verify: bool = True,
     ) -> None:
+        """`verify`: a plain model prepared in memory must first pass prepare's self-check."""
         if batch_size < 1:
             raise BadInputError(f"batch size {batch_size} is not positive: to fix this, give 1 or more")
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         meta = read_metadata(proto)
         self.prepared_in_memory = "method" not in meta
         if self.prepared_in_memory:
-            proto, _ = prepare_model(proto)
+            source = proto
+            proto, report = prepare_model(source)
+            if verify:
+                verify_prepared(source, proto, report)
             meta = read_metadata(proto)
         self.metadata = meta
         self.reduction = meta["reduction_tensor"]
