@@ -198,3 +198,23 @@ def test_a_good_model_passes_and_its_probe_matches_a_direct_run(tmp_path: Path) 
     assert feeds["input"].dtype == np.float32 and 0.0 <= feeds["input"].min() < feeds["input"].max() < 1.0
     got = cpu_session(prepared.SerializeToString()).run(["logits"], feeds)[0]
     assert rel_err(got, sess.run(["logits"], feeds)[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_float16_models_are_written_only_once_they_run(tmp_path: Path, keep_io_types: bool) -> None:
+    # issue 10: prepare printed 'wrote' and onnxruntime then refused the file (gradcam/raw_node
+    # declared float32 but computing float16); now the file loads and keeps the contract's types
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    demo = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "demo.onnx"))
+    src = tmp_path / "demo16.onnx"
+    onnx.save(float16.convert_float_to_float16(demo, keep_io_types=keep_io_types), str(src))
+    result = CliRunner().invoke(main, ["prepare", str(src)])
+    assert result.exit_code == 0, result.stderr
+    assert "verified:        loads and runs" in result.stdout
+    sess = cpu_session((tmp_path / "demo16.gradcam.onnx").read_bytes())
+    types = {o.name: o.type for o in sess.get_outputs()}
+    assert types["logits"] == ("tensor(float)" if keep_io_types else "tensor(float16)")
+    assert types["gradcam_map"] == types["gradcam_raw"] == types["gradcam_score"] == "tensor(float)"
+    x = np.random.default_rng(1).random((2, 3, 96, 96)).astype(np.float32 if keep_io_types else np.float16)
+    maps = sess.run(["gradcam_map"], {"input": x})[0]
+    assert maps.shape == (2, 96, 96) and np.isfinite(maps).all() and maps.max() == 1.0

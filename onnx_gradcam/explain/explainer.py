@@ -91,6 +91,14 @@ class ExplainResult:
         return [*written, path]
 
 
+def _value_info(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
+    """A graph output for tensor `name` of its own element type (prepare records it; float16
+    logits declared float32 would not load)."""
+    known = next((vi for vi in graph.value_info if vi.name == name), None)
+    elem = known.type.tensor_type.elem_type if known is not None else onnx.TensorProto.FLOAT
+    return onnx.helper.make_tensor_value_info(name, elem, None)
+
+
 def _atomic_png(path: Path, image: Image.Image) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
@@ -158,7 +166,7 @@ class Explainer:
                 copy = onnx.ModelProto()
                 copy.CopyFrom(proto)
                 proto = copy
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(self.reduction, onnx.TensorProto.FLOAT, None))
+            proto.graph.output.append(_value_info(proto.graph, self.reduction))
         self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
         self.batch_size = batch_size
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -281,7 +289,7 @@ class Explainer:
         return [first] + [self.explain(x, list(order[:, r]), method) for r in range(1, k)]
 
     def _checked_array(self, x: np.ndarray) -> np.ndarray:
-        """x as float32, after checking its rank and the model's static dimensions."""
+        """x as the input's float type, after checking its rank and the model's static dimensions."""
         declared = self.input_shape
         fixed = [(i, d) for i, d in enumerate(declared) if isinstance(d, int) and d > 0 and i > 0]
         if x.ndim != len(declared) or any(x.shape[i] != d for i, d in fixed):
@@ -292,7 +300,8 @@ class Explainer:
                 f"{shown} ({self.input.layout}): to fix this, pass arrays of that shape (or images, which "
                 "are resized to it)"
             )
-        return x if x.dtype == np.float32 else x.astype(np.float32)
+        dtype = np.float16 if self.input.dtype == "tensor(float16)" else np.float32  # float16 models' inputs
+        return x if x.dtype == dtype else x.astype(dtype)
 
     def _classes(self, target: Target, n: int) -> np.ndarray:
         if target is None:
