@@ -91,6 +91,63 @@ def test_sequence_first_lstm_features_give_a_clear_error_and_no_file(
     assert got["gradcam_gradient"].shape == (10, len(x), 12)
 
 
+def tiny_vit(path: Path, opset: int) -> Path:
+    """A vision transformer in miniature: 8x8 patches of a 32x32 image as 16 tokens after a
+    class token, one pre-norm encoder layer, LayerNorm, the class token -> Linear. Its deepest
+    rank-3 tensor is the token grid [N, 1 + 16, C], the second case issue 10 found written and
+    then not loading (opset 14 spells LayerNorm out, 17 has LayerNormalization)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    class ViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 32, 8, stride=8)
+            self.cls = nn.Parameter(torch.randn(1, 1, 32))
+            self.pos = nn.Parameter(torch.randn(1, 17, 32) * 0.1)
+            self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+            self.norm = nn.LayerNorm(32)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            tokens = self.patch(x).flatten(2).transpose(1, 2)  # [N, 16, 32]
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
+            return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+    torch.onnx.export(
+        ViT().eval(),
+        torch.randn(1, 3, 32, 32),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    return path
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_token_grid_features_give_a_clear_error_and_no_file(tmp_path: Path, opset: int) -> None:
+    src = tiny_vit(tmp_path / "vit.onnx", opset)
+    out = tmp_path / "vit.gradcam.onnx"
+    try:
+        prepare(src, out)
+    except VerificationError as err:
+        unchecked, chosen = surgery.prepare_model(onnx.load(str(src)))
+        assert err.node.startswith("gradcam/") and node_ops(unchecked)[err.node] == err.op_type, str(err)
+        assert f"feature tensor {chosen.feature_tensor!r}, reduction tensor 'logits'" in str(err)
+        assert "--feature-layer" in str(err) and "\n" not in str(err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.onnx"]
+        return
+    # a layout-aware future: a map over the 4x4 patch grid, upsampled to the image
+    sess = cpu_session(out.read_bytes())
+    x = np.random.default_rng(0).random((2, 3, 32, 32)).astype(np.float32)
+    raw, cam_map = sess.run(["gradcam_raw", "gradcam_map"], {"input": x})
+    assert raw.shape == (2, 4, 4) and cam_map.shape == (2, 32, 32)
+
+
 def broken_map(dtype: int):  # -> a stand-in for cam.normalise that emits a wrong element type
     original = cam.normalise
 
