@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto
+from onnxconverter_common import float16
 
 from onnx_gradcam import Explainer, VerificationError, prepare, prepare_model
 from onnx_gradcam.cli import main
@@ -18,8 +20,6 @@ from onnx_gradcam.surgery import prepare as surgery
 
 from .conftest import cpu_session, rel_err
 from .models import handmade
-
-torch = pytest.importorskip("torch")
 
 
 def crnn(path: Path, opset: int, dynamic_batch: bool) -> Path:
@@ -261,7 +261,6 @@ def test_a_good_model_passes_and_its_probe_matches_a_direct_run(tmp_path: Path) 
 def test_float16_models_are_written_only_once_they_run(tmp_path: Path, keep_io_types: bool) -> None:
     # issue 10: prepare printed 'wrote' and onnxruntime then refused the file (gradcam/raw_node
     # declared float32 but computing float16); now the file loads and keeps the contract's types
-    float16 = pytest.importorskip("onnxconverter_common.float16")
     demo = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "demo.onnx"))
     src = tmp_path / "demo16.onnx"
     onnx.save(float16.convert_float_to_float16(demo, keep_io_types=keep_io_types), str(src))
