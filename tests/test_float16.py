@@ -204,3 +204,24 @@ def test_torchvision_float16_maps_correlate_with_float32(name: str, tmp_path: Pa
         for i in range(len(x)):
             c = correlation(out["gradcam_map"][i], ref["gradcam_map"][i])
             assert c >= 0.99, f"{name} {form} sample {i}: map correlation {c:.5f}"
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_every_method_and_extra_output_agrees_with_float32(keep_io_types: bool) -> None:
+    # the demo model with all CAM methods, the counterfactual and Guided Backprop: each float16
+    # output against its float32 twin on the bundled samples (preprocessed as Explainer does)
+    from onnx_gradcam.surgery.methods import METHODS
+
+    demo = onnx.load(str(ROOT / "models" / "demo.onnx"))
+    options = {"methods": list(METHODS), "counterfactual": True, "guided": True}
+    prepared32, _ = prepare_model(demo, **options)
+    prepared16, report = prepare_model(converted(demo, keep_io_types), **options)
+    x = Explainer(prepared32, device="cpu").to_tensor(sorted(SAMPLES.glob("*.png")))
+    ref, out = run(prepared32, x), run(prepared16, x)
+    compared = [n for n in report.outputs if n.startswith(("gradcam_map", "gradcam_guided"))]
+    assert len(compared) == 1 + len(METHODS) + 1 + 2  # map, one per method, counterfactual, guided pair
+    for name in compared:
+        assert out[name].dtype == np.float32, name
+        for i in range(len(x)):
+            c = correlation(out[name][i], ref[name][i])
+            assert c >= 0.99, f"{name} sample {i}: correlation {c:.5f}"
