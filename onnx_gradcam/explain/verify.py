@@ -213,6 +213,8 @@ def _contract_problem(
 
 def _difference(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| over the largest |want| (inf when shapes, types or NaN/inf patterns differ)."""
+    if not isinstance(want, np.ndarray) or not isinstance(got, np.ndarray):  # sequences, maps (ZipMap)
+        return 0.0 if got == want else float("inf")
     if got.shape != want.shape or got.dtype != want.dtype:
         return float("inf")
     if want.dtype.kind not in "fc":
