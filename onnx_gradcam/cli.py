@@ -267,6 +267,11 @@ Examples:
     help="auto: CUDA when onnxruntime can load it, else the CPU.",
 )
 @click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="A plain MODEL is prepared in memory: skip prepare's self-check of the result (see `prepare --help`).",
+)
 def explain_cmd(
     model: Path,
     inputs: tuple[str, ...],
@@ -289,6 +294,7 @@ def explain_cmd(
     batch_size: int,
     device: str,
     threads: int | None,
+    no_verify: bool,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
@@ -310,6 +316,7 @@ def explain_cmd(
             labels=label_list,
             size=parse_size(size),
             layout=layout,
+            verify=not no_verify,
         )
         if explainer.prepared_in_memory:
             click.echo(

@@ -242,6 +242,19 @@ def test_explain_on_a_plain_model_checks_what_it_prepared_in_memory(
         Explainer(handmade(), device="cpu")
 
 
+def test_explain_cli_checks_a_plain_model_unless_told_not_to(tmp_path: Path) -> None:
+    src = crnn(tmp_path / "crnn.onnx", 17, True)
+    image = str(Path(__file__).resolve().parent.parent / "models" / "samples" / "star.png")
+    out = tmp_path / "out"
+    checked = CliRunner().invoke(main, ["explain", str(src), image, "-o", str(out), "--device", "cpu"])
+    assert checked.exit_code == 1 and "does not load in onnxruntime at node 'gradcam/" in checked.stderr
+    # unchecked, the same model fails later, when explain's own session loads it
+    unchecked = CliRunner().invoke(main, ["explain", str(src), image, "-o", str(out), "--device", "cpu", "--no-verify"])
+    assert unchecked.exit_code == 1 and "onnxruntime cannot load the model" in unchecked.stderr
+    assert "appended by onnx-gradcam" not in unchecked.stderr
+    assert not out.exists()
+
+
 def test_a_good_model_passes_and_its_probe_matches_a_direct_run(tmp_path: Path) -> None:
     from onnx_gradcam.explain.verify import probe_feeds, verify_prepared
 
