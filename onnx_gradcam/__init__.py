@@ -6,16 +6,17 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .api import Explainer, ExplainResult, overlay, prepare
+from .api import Explainer, ExplainResult, overlay, prepare, prepare_model
 from .errors import (
     BadInputError,
     LayerNotFoundError,
     OnnxGradCamError,
     ProviderUnavailableError,
     UnsupportedOpError,
+    VerificationError,
 )
 from .explain.seeds import box_seed, class_seed, output_seed, region_seed
-from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
+from .surgery.prepare import PRESETS, PrepareReport, Preprocess
 
 __all__ = [
     "__version__",
@@ -36,4 +37,5 @@ __all__ = [
     "LayerNotFoundError",
     "BadInputError",
     "ProviderUnavailableError",
+    "VerificationError",
 ]

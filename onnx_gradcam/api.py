@@ -1,4 +1,7 @@
-"""The two verbs users call from Python: prepare() and Explainer (plus the overlay helper)."""
+"""The verbs users call from Python: prepare(), prepare_model() and Explainer (plus the overlay helper).
+
+prepare and prepare_model check what they built (explain/verify.py) before handing it over.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
+
 from .autodiff.context import TensorInfo
 from .errors import BadInputError
 from .explain.explainer import Explainer, ExplainResult
 from .explain.overlay import overlay
+from .explain.verify import verify_prepared
 from .surgery import layers as layer_choice
+from .surgery import prepare as surgery
 from .surgery.layers import Candidate
-from .surgery.load import file_sha256, load_model, save_model_atomic, upgrade_opset
-from .surgery.prepare import PRESETS, PrepareReport, Preprocess, prepare_model
+from .surgery.load import file_sha256, load_model, save_model_atomic, serialise, upgrade_opset
+from .surgery.prepare import PRESETS, PrepareReport, Preprocess
 from .surgery.shapes import infer_all
 
 
@@ -46,8 +53,13 @@ def prepare(
     counterfactual: bool = False,
     guided: bool = False,
     target: str = "class",
+    verify: bool = True,
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
+
+    With `verify` (the default) the result is first loaded in onnxruntime on the CPU and run on a
+    probe batch beside the source model (see `onnx_gradcam.explain.verify`); if that check fails,
+    a VerificationError says which node failed and nothing is written.
 
     Example:
         >>> report = prepare("resnet50.onnx")          # writes resnet50.gradcam.onnx
@@ -59,7 +71,7 @@ def prepare(
     if out.resolve() == src.resolve():
         raise BadInputError(f"output {str(out)!r} is the input model: to fix this, choose another -o path")
     proto = load_model(src)
-    prepared, report = prepare_model(
+    prepared, report = surgery.prepare_model(
         proto,
         feature_layer=feature_layer,
         reduction_layer=reduction_layer,
@@ -70,10 +82,48 @@ def prepare(
         counterfactual=counterfactual,
         guided=guided,
         target=target,
-        inplace=True,
+        inplace=True,  # the self-check runs the source from its file
     )
-    save_model_atomic(prepared, out)
+    data = serialise(prepared)  # once, for the self-check and the file (None over 2 GB)
+    if verify:
+        verify_prepared(src, prepared, report, data)
+    save_model_atomic(prepared, out, data)
     return report
+
+
+def prepare_model(
+    model: onnx.ModelProto,
+    feature_layer: str | Sequence[str] | None = None,
+    reduction_layer: str | None = None,
+    preprocess: Preprocess | None = None,
+    expose_gradient: bool = False,
+    source_sha256: str = "",
+    methods: Sequence[str] = ("gradcam",),
+    counterfactual: bool = False,
+    guided: bool = False,
+    target: str = "class",
+    verify: bool = True,
+) -> tuple[onnx.ModelProto, PrepareReport]:
+    """(prepared model, report) in memory; `model` is not modified. The options are prepare()'s.
+
+    With `verify` the result must pass the self-check that prepare() runs (VerificationError
+    otherwise); verify=False returns it unchecked, for models too large to run twice.
+    """
+    prepared, report = surgery.prepare_model(
+        model,
+        feature_layer=feature_layer,
+        reduction_layer=reduction_layer,
+        preprocess=preprocess,
+        expose_gradient=expose_gradient,
+        source_sha256=source_sha256,
+        methods=methods,
+        counterfactual=counterfactual,
+        guided=guided,
+        target=target,
+    )
+    if verify:
+        verify_prepared(model, prepared, report)
+    return prepared, report
 
 
 def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) -> tuple[str, list[Candidate]]:
@@ -88,4 +138,4 @@ def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) ->
     return reduction, layer_choice.candidates(graph, info, reduction)
 
 
-__all__ = ["prepare", "default_output", "layers", "Explainer", "ExplainResult", "overlay"]
+__all__ = ["prepare", "prepare_model", "default_output", "layers", "Explainer", "ExplainResult", "overlay"]

@@ -102,6 +102,14 @@ def main() -> None:
     is_flag=True,
     help="Also output the feature map and its gradient (gradcam_features, gradcam_gradient).",
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Skip the self-check (load the result in onnxruntime on the CPU and run a probe batch beside MODEL), "
+    "for models too large to run twice: it saves the check's time and the memory of an onnxruntime session, "
+    "but a result that does not load or run, changes an original output or breaks the gradcam_* contract "
+    "is then written without an error.",
+)
 def prepare_cmd(
     model: Path,
     output: Path | None,
@@ -113,12 +121,15 @@ def prepare_cmd(
     target: str,
     preprocess: str | None,
     expose_gradient: bool,
+    no_verify: bool,
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
 
     The result has every original input and output, plus an optional input `gradcam_class`
     (int64 per sample; omitted or negative = top-1) and outputs `gradcam_map` (at the input's
-    size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`.
+    size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`. Before anything
+    is written the result is run in onnxruntime beside MODEL on a probe batch; if it fails to
+    load or run, or breaks that contract, the error names the failing node and no file is written.
     """
     try:
         report = prepare(
@@ -132,6 +143,7 @@ def prepare_cmd(
             counterfactual=counterfactual,
             guided=guided,
             target=target,
+            verify=not no_verify,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
@@ -140,6 +152,12 @@ def prepare_cmd(
     click.echo(f"reduction layer: {report.reduction_tensor}")
     click.echo(f"methods:         {', '.join(report.methods)}")
     click.echo(f"outputs:         {', '.join(report.outputs)}")
+    if no_verify:
+        click.echo("verified:        no (--no-verify)")
+    else:
+        click.echo(
+            "verified:        loads and runs in onnxruntime (CPU); original outputs equal MODEL's on a probe batch"
+        )
     click.echo(f"wrote {out}")
 
 
@@ -249,6 +267,11 @@ Examples:
     help="auto: CUDA when onnxruntime can load it, else the CPU.",
 )
 @click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="A plain MODEL is prepared in memory: skip prepare's self-check of the result (see `prepare --help`).",
+)
 def explain_cmd(
     model: Path,
     inputs: tuple[str, ...],
@@ -271,6 +294,7 @@ def explain_cmd(
     batch_size: int,
     device: str,
     threads: int | None,
+    no_verify: bool,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
@@ -292,6 +316,7 @@ def explain_cmd(
             labels=label_list,
             size=parse_size(size),
             layout=layout,
+            verify=not no_verify,
         )
         if explainer.prepared_in_memory:
             click.echo(

@@ -47,3 +47,16 @@ class BadInputError(OnnxGradCamError):
 
 class ProviderUnavailableError(OnnxGradCamError):
     """An execution provider (CUDA, ...) was asked for but cannot be loaded."""
+
+
+class VerificationError(OnnxGradCamError):
+    """A prepared model failed its self-check (it did not load or run in onnxruntime, changed an
+    original output, or broke the contract of a gradcam_* output); nothing was written.
+
+    `node` and `op_type` name the failing node where one is known ("" otherwise).
+    """
+
+    def __init__(self, message: str, node: str = "", op_type: str = "") -> None:
+        self.node = node
+        self.op_type = op_type
+        super().__init__(message)

@@ -31,6 +31,8 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._taken = set(taken)
         self._counts: dict[str, int] = {}
+        self._cast_to: dict[str, int] = {}  # forward tensors read through a Cast: name -> type
+        self._casts: dict[str, str] = {}  # their Casts, made once, where first read
         clash = sorted(n for n in taken if n.startswith(prefix))
         if clash:
             raise OnnxGradCamError(
@@ -57,6 +59,23 @@ class GraphBuilder:
         self._taken.add(name)
         return name
 
+    def cast_on_read(self, names: set[str], dtype: int) -> None:
+        """Every appended node that reads one of `names` (forward tensors) reads it cast to
+        `dtype`; Shape and Size read no values and take the tensor itself."""
+        self._cast_to.update(dict.fromkeys(names, dtype))
+
+    def value(self, name: str) -> str:
+        """`name` as appended nodes read it: itself, or its Cast (see cast_on_read)."""
+        if name not in self._cast_to:
+            return name
+        if name not in self._casts:
+            out = self.fresh("cast")
+            self.nodes.append(
+                helper.make_node("Cast", [name], [out], name=self.fresh("cast_node"), to=self._cast_to[name])
+            )
+            self._casts[name] = out
+        return self._casts[name]
+
     def const(self, value: Any, hint: str = "const", dtype: Any = None) -> str:
         arr = np.asarray(value, dtype=dtype)
         name = self.fresh(hint)
@@ -78,7 +97,8 @@ class GraphBuilder:
         else:
             outs = list(outputs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{base}_node"), **attrs)
+        reads = list(inputs) if op_type in ("Shape", "Size") else [self.value(i) for i in inputs]
+        node = helper.make_node(op_type, reads, outs, name=self.fresh(f"{base}_node"), **attrs)
         self.nodes.append(node)
         return outs[0] if isinstance(outputs, int) and outputs == 1 else outs
 

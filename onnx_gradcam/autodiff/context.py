@@ -17,6 +17,7 @@ from ..errors import UnsupportedOpError
 from .builder import GraphBuilder, Shape
 
 RELU_MODES = ("standard", "guided")
+LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 class TensorInfo:
@@ -29,6 +30,7 @@ class TensorInfo:
         self.constants: dict[str, np.ndarray] = {}
         self._lazy: dict[str, onnx.TensorProto] = {}  # converted on first use: weights stay protobuf
         self.folded: dict[str, list[int]] = {}  # integer values shape subgraphs compute
+        self.stored: dict[str, int] = {}  # element types in the model where dtypes[] differs
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
         source = constants_from if constants_from is not None else graph
@@ -36,7 +38,12 @@ class TensorInfo:
             self._lazy[init.name] = init
             self.shapes[init.name] = tuple(int(d) for d in init.dims)
             self.dtypes[init.name] = init.data_type
+        self._cast_of: dict[str, tuple[str, int]] = {}  # Cast outputs -> (input, type): constant if it is
         for node in source.node:
+            if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+                # float16 converters leave Constant -> Cast(float32) before the ops they keep in float32
+                to = next((int(a.i) for a in node.attribute if a.name == "to"), TensorProto.FLOAT)
+                self._cast_of[node.output[0]] = (node.input[0], to)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for a in node.attribute:
                     if a.name == "value":
@@ -86,13 +93,34 @@ class TensorInfo:
         return tuple(int(d) for d in s[start:])  # type: ignore[arg-type]
 
     def dtype(self, name: str) -> int:
+        """The element type gradients of `name` are computed in (see `compute_in_float32`)."""
         return self.dtypes.get(name, TensorProto.FLOAT)
+
+    def stored_dtype(self, name: str) -> int:
+        """The element type of `name` in the model itself."""
+        return self.stored.get(name, self.dtype(name))
+
+    def compute_in_float32(self) -> set[str]:
+        """Report float16 and bfloat16 tensors as float32, the type their gradients and maps are
+        computed in; returns their names (GraphBuilder.cast_on_read casts them where appended
+        nodes read them). Rules then emit float32 constants and Casts without knowing why.
+        """
+        low = {name for name, t in self.dtypes.items() if t in LOW_PRECISION}
+        for name in low:
+            self.stored[name] = self.dtypes[name]
+            self.dtypes[name] = TensorProto.FLOAT
+        return low
 
     def const(self, name: str) -> np.ndarray | None:
         if name == "":
             return None
         if name not in self.constants and name in self._lazy:
             self.constants[name] = numpy_helper.to_array(self._lazy[name])
+        if name not in self.constants and name in self._cast_of:
+            source, to = self._cast_of[name]
+            value = self.const(source)
+            if value is not None:
+                self.constants[name] = value.astype(helper.tensor_dtype_to_np_dtype(to))
         return self.constants.get(name)
 
 

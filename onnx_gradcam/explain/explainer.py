@@ -20,6 +20,7 @@ from .images import load_image
 from .overlay import overlay
 from .preprocess import InputSpec, to_tensor
 from .session import create_session, run_session
+from .verify import verify_prepared
 
 Target = int | str | Sequence[int | str] | None
 ImageLike = str | os.PathLike[str] | Image.Image
@@ -90,6 +91,14 @@ class ExplainResult:
         return [*written, path]
 
 
+def _value_info(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
+    """A graph output for tensor `name` of its own element type (prepare records it; float16
+    logits declared float32 would not load)."""
+    known = next((vi for vi in graph.value_info if vi.name == name), None)
+    elem = known.type.tensor_type.elem_type if known is not None else onnx.TensorProto.FLOAT
+    return onnx.helper.make_tensor_value_info(name, elem, None)
+
+
 def _atomic_png(path: Path, image: Image.Image) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
@@ -134,14 +143,19 @@ class Explainer:
         labels: Sequence[str] | str | os.PathLike[str] | None = None,
         size: tuple[int, int] | None = None,
         layout: str | None = None,
+        verify: bool = True,
     ) -> None:
+        """`verify`: a plain model prepared in memory must first pass prepare's self-check."""
         if batch_size < 1:
             raise BadInputError(f"batch size {batch_size} is not positive: to fix this, give 1 or more")
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         meta = read_metadata(proto)
         self.prepared_in_memory = "method" not in meta
         if self.prepared_in_memory:
-            proto, _ = prepare_model(proto)
+            source = proto
+            proto, report = prepare_model(source)
+            if verify:
+                verify_prepared(source, proto, report)
             meta = read_metadata(proto)
         self.metadata = meta
         self.reduction = meta["reduction_tensor"]
@@ -152,7 +166,7 @@ class Explainer:
                 copy = onnx.ModelProto()
                 copy.CopyFrom(proto)
                 proto = copy
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(self.reduction, onnx.TensorProto.FLOAT, None))
+            proto.graph.output.append(_value_info(proto.graph, self.reduction))
         self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
         self.batch_size = batch_size
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -275,7 +289,7 @@ class Explainer:
         return [first] + [self.explain(x, list(order[:, r]), method) for r in range(1, k)]
 
     def _checked_array(self, x: np.ndarray) -> np.ndarray:
-        """x as float32, after checking its rank and the model's static dimensions."""
+        """x as the input's float type, after checking its rank and the model's static dimensions."""
         declared = self.input_shape
         fixed = [(i, d) for i, d in enumerate(declared) if isinstance(d, int) and d > 0 and i > 0]
         if x.ndim != len(declared) or any(x.shape[i] != d for i, d in fixed):
@@ -286,7 +300,8 @@ class Explainer:
                 f"{shown} ({self.input.layout}): to fix this, pass arrays of that shape (or images, which "
                 "are resized to it)"
             )
-        return x if x.dtype == np.float32 else x.astype(np.float32)
+        dtype = np.float16 if self.input.dtype == "tensor(float16)" else np.float32  # float16 models' inputs
+        return x if x.dtype == dtype else x.astype(dtype)
 
     def _classes(self, target: Target, n: int) -> np.ndarray:
         if target is None:

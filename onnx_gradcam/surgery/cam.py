@@ -201,7 +201,7 @@ def append_cam(
         out.add(GUIDED, weighted, info.dtype(image), list(image_shape))
     if spec.expose_gradient:
         feat_shape = list(info.shape(spec.features[0]) or ())
-        out.add(FEATURES, spec.features[0], info.dtype(spec.features[0]), feat_shape)
+        out.add(FEATURES, b.value(spec.features[0]), info.dtype(spec.features[0]), feat_shape)
         out.add(GRADIENT, grads[0], info.dtype(spec.features[0]), feat_shape)
     return out
 

@@ -143,8 +143,32 @@ def _reshape_result(in_dims: list[Dim] | None, target: list[Dim], allowzero: int
     return dims
 
 
+def _float_values(model: onnx.ModelProto) -> dict[str, list[float]]:
+    """Small 1-D float constants, also behind a Cast: float16 converters turn Resize's scales
+    into a float16 Constant cast back to float32, which onnx's inference does not follow."""
+    values: dict[str, list[float]] = {}
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and arr.ndim == 1 and arr.size <= 16:
+            values[init.name] = [float(v) for v in arr]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is None:
+                continue
+            found = numpy_helper.to_array(value)
+            if found.dtype.kind == "f" and found.ndim == 1 and found.size <= 16:
+                values[node.output[0]] = [float(v) for v in found]
+        elif node.op_type == "Cast" and node.input and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
 def _hinted_dims(
-    node: onnx.NodeProto, values: dict[str, list[Dim]], shapes: dict[str, list[Dim] | None]
+    node: onnx.NodeProto,
+    values: dict[str, list[Dim]],
+    shapes: dict[str, list[Dim] | None],
+    scales: dict[str, list[float]] | None = None,
 ) -> list[Dim] | None:
     """Output dims of Reshape / Resize whose shape operand folds, else None."""
     if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in values:
@@ -156,6 +180,12 @@ def _hinted_dims(
         if any(a.name == "axes" for a in node.attribute):
             return None
         return list(values[node.input[3]])
+    if node.op_type == "Resize" and len(node.input) > 2 and scales and node.input[2] in scales:
+        in_dims, factors = shapes.get(node.input[0]), scales[node.input[2]]
+        if in_dims is None or len(factors) != len(in_dims) or any(a.name == "axes" for a in node.attribute):
+            return None
+        # ONNX Resize: output size = floor(input size * scale); a scale of 1 keeps symbolic dims
+        return [d if f == 1.0 else math.floor(d * f) if isinstance(d, int) else None for d, f in zip(in_dims, factors)]
     return None
 
 
@@ -174,10 +204,11 @@ def infer_all(model: onnx.ModelProto, rounds: int = 40) -> onnx.ModelProto:
         for init in graph.initializer:
             shapes[init.name] = list(init.dims)
         values = _fold_shape_values(inferred, shapes)
+        scales = _float_values(inferred)
         elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.input]}
         improved = False
         for node in graph.node:
-            dims = _hinted_dims(node, values, shapes)
+            dims = _hinted_dims(node, values, shapes, scales)
             if dims is None:
                 continue
             current = shapes.get(node.output[0])
