@@ -113,9 +113,11 @@ def test_methods_and_counterfactual_match_torch(name: str, tmp_path: Path) -> No
     for i in range(len(x)):
         assert rel_err(got["gradcam_raw_counterfactual"][i], ref["counterfactual"][i]) < EXACT
 
-    # pytorch-grad-cam in float64 (as in tests/test_torchvision.py), on the float64 reference's a and g
+    # pytorch-grad-cam in float64 at the prepared model's feature tensor (as in tests/test_torchvision.py)
     targets = [pgc.utils.model_targets.ClassifierOutputTarget(c) for c in CLASSES]
     model64 = copy.deepcopy(model).double()
+    features = torch.from_numpy(a[:2])
+    model64.get_submodule(layer).register_forward_hook(lambda _m, _i, _o: features.clone().requires_grad_(True))
     x64 = torch.from_numpy(x[:2].astype(np.float64))
     for method in METHODS:
         cam_cls = getattr(pgc, PGC_CLASS[method])
