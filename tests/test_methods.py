@@ -109,6 +109,7 @@ def test_methods_and_counterfactual_match_torch(name: str, tmp_path: Path) -> No
     for method in METHODS:
         for i in range(len(x)):
             err = rel_err(got[f"gradcam_raw_{method}"][i], ref[method][i])
+            print(f"{name} {method} sample {i}: raw error {err:.2e}")
             assert err < EXACT, f"{name} {method} sample {i}: raw error {err:.2e}"
     for i in range(len(x)):
         assert rel_err(got["gradcam_raw_counterfactual"][i], ref["counterfactual"][i]) < EXACT
@@ -160,6 +161,7 @@ def test_guided_backprop_for_the_whole_batch(name: str, tmp_path: Path) -> None:
     ref = well_conditioned(reference, x, EXACT, f"{name} guided")["guided_backprop"]
     for i in range(len(x)):
         err = rel_err(got["gradcam_guided_backprop"][i], ref[i])
+        print(f"{name} sample {i}: guided backprop error {err:.2e}")
         assert err < EXACT, f"{name} sample {i}: guided backprop error {err:.2e}"
         expected = got["gradcam_guided_backprop"][i] * got["gradcam_map"][i][None]
         np.testing.assert_allclose(got["gradcam_guided"][i], expected, rtol=1e-6, atol=1e-12)

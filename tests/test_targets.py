@@ -162,6 +162,7 @@ def test_segmentation_region_maps_equal_autograd(name: str, tmp_path: Path, reco
         }
         for key, value in errors.items():
             record_property(f"{which}:{module}:{key}", f"{value:.2e}")
+        print(f"{name} at {module}: relative errors {errors}")
         assert max(errors.values()) < EXACT, f"{name} at {module} ({tensor}): relative errors {errors}"
         # the ONNX tensor is torch's `module` output (a forward comparison: its tolerance is derived)
         assert per_sample_error(got["gradcam_features"], fwd["a"]) < tols["a"]
