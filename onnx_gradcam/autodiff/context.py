@@ -18,6 +18,8 @@ from .builder import GraphBuilder, Shape
 
 RELU_MODES = ("standard", "guided")
 
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
 
 class TensorInfo:
     """Static shapes, element types and prepare-time constants of a graph's tensors."""
@@ -29,6 +31,8 @@ class TensorInfo:
         self.constants: dict[str, np.ndarray] = {}
         self._lazy: dict[str, onnx.TensorProto] = {}  # converted on first use: weights stay protobuf
         self.folded: dict[str, list[int]] = {}  # integer values shape subgraphs compute
+        # DequantizeLinear nodes, so that a dequantized constant weight is a float constant
+        self._dequantized: dict[str, onnx.NodeProto] = {}
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
         source = constants_from if constants_from is not None else graph
@@ -48,6 +52,8 @@ class TensorInfo:
                     else:
                         continue
                     self.constants[node.output[0]] = arr
+            elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+                self._dequantized[node.output[0]] = node
 
     def _add(self, vi: onnx.ValueInfoProto) -> None:
         t = vi.type.tensor_type
@@ -88,12 +94,54 @@ class TensorInfo:
     def dtype(self, name: str) -> int:
         return self.dtypes.get(name, TensorProto.FLOAT)
 
+    def grad_dtype(self, name: str) -> int:
+        """The element type of the gradient of `name`: its own for a float tensor; float32 for an
+        integer one (a quantized tensor's gradient is taken with respect to its integer value as
+        a real number, and its scales are float32)."""
+        dtype = self.dtype(name)
+        return dtype if dtype in FLOAT_TYPES else TensorProto.FLOAT
+
     def const(self, name: str) -> np.ndarray | None:
         if name == "":
             return None
         if name not in self.constants and name in self._lazy:
             self.constants[name] = numpy_helper.to_array(self._lazy[name])
+        if name not in self.constants and name in self._dequantized:
+            folded = self._dequantize(self._dequantized.pop(name))
+            if folded is not None:
+                self.constants[name] = folded
         return self.constants.get(name)
+
+    def _dequantize(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """y = (x - zero_point) * scale of constant inputs (per tensor, per axis or per block),
+        in the scale's float type: the float weight a QDQ model's Conv/Gemm/MatMul reads."""
+        x, scale = self.const(node.input[0]), self.const(node.input[1])
+        zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if x is None or scale is None:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return dequantize(x, scale, zp, int(attrs.get("axis", 1)), int(attrs.get("block_size", 0)))
+
+
+def dequantize(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1, block_size: int = 0
+) -> np.ndarray:
+    """ONNX DequantizeLinear in NumPy: (x - zero_point) * scale, computed in float64 and returned
+    in the scale's type; a 1-D scale applies along `axis`, a blocked one per `block_size` run."""
+
+    def spread(v: np.ndarray) -> np.ndarray:
+        if v.ndim == 0 or v.size == 1 and x.ndim == 0:
+            return v.reshape(())
+        ax = axis + x.ndim if axis < 0 else axis
+        if block_size:
+            return np.repeat(v, block_size, axis=ax).take(range(x.shape[ax]), axis=ax)
+        shape = [1] * x.ndim
+        shape[ax] = v.size
+        return v.reshape(shape)
+
+    zp = np.zeros((), np.float64) if zero_point is None else spread(zero_point.astype(np.float64))
+    out = (x.astype(np.float64) - zp) * spread(scale.astype(np.float64))
+    return out.astype(scale.dtype)
 
 
 @dataclass(frozen=True)
@@ -126,6 +174,9 @@ class RuleContext:
     channel_sum: dict[str, str] = field(default_factory=dict)
     # gradients of a constant-weight product: dX -> how dX = alpha dY M was made (see LinearBack)
     linear_back: dict[str, LinearBack] = field(default_factory=dict)
+    # quantized tensors whose requantization clip the gradient passes unclipped: the score's own
+    # output quantizer (the explained logit is often the largest one calibration saw, i.e. qmax)
+    unclipped: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.opset = self.b.opset
@@ -137,7 +188,8 @@ class RuleContext:
         return UnsupportedOpError(node.op_type, node.name or node.output[0], self.opset, detail)
 
     def np_dtype(self, name: str) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.info.dtype(name)))
+        """The NumPy type of tensor `name`'s gradient (float32 for an integer tensor)."""
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.info.grad_dtype(name)))
 
     def scalar_like(self, name: str, value: float) -> str:
         """A scalar constant of the same element type as tensor `name`."""
@@ -157,7 +209,7 @@ class RuleContext:
         return self.b.shape_of(name)
 
     def zeros_like(self, name: str) -> str:
-        return self.b.zeros_like(name, self.info.dtype(name))
+        return self.b.zeros_like(name, self.info.grad_dtype(name))
 
     def static_shape(self, name: str, node: onnx.NodeProto) -> tuple[int, ...]:
         """A shape known at prepare time, or an error naming the node."""
