@@ -164,7 +164,8 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     for c in rows:
         shape = "[" + ", ".join(str(d) if d is not None else "?" for d in c.shape) + "]"
         mark = "*" if c.default else " "
-        click.echo(f"{mark} {c.name:<{width}}  {c.op_type:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
+        op = f"{c.op_type}+DQ" if c.dequantize else c.op_type  # int8, dequantized for the CAM
+        click.echo(f"{mark} {c.name:<{width}}  {op:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
     if not show_all:
         hidden = len(found) - len(rows)
         if hidden:

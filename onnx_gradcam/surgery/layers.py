@@ -31,6 +31,8 @@ class Candidate:
     shape: tuple[int | str | None, ...]
     dominates: bool
     default: bool = False
+    # an integer tensor of a QOperator graph: (scale, zero point) that dequantize it for the CAM
+    dequantize: tuple[str, str] | None = None
 
 
 def graph_inputs(graph: onnx.GraphProto) -> list[str]:
@@ -50,7 +52,54 @@ def image_input(graph: onnx.GraphProto, info: TensorInfo) -> str:
     )
 
 
-_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "QuantizeLinear", "DequantizeLinear")
+
+# where each quantized op reads its output's (scale, zero point)
+_OUTPUT_QPARAMS: dict[str, tuple[int, int]] = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSoftmax": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+# ops that move quantized values without changing their scale
+_QUANT_KEEPING = {"MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Split"}
+
+
+def quantization_params(graph: onnx.GraphProto) -> dict[str, tuple[str, str]]:
+    """Integer tensors of an int8 graph -> the (scale, zero point) that dequantize them: outputs of
+    QuantizeLinear and of QLinear* ops, and what MaxPool, Reshape and the like make of those."""
+    params: dict[str, tuple[str, str]] = {}
+    for node in graph.node:
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None and len(node.input) > where[1] and node.input[where[0]]:
+            params[node.output[0]] = (node.input[where[0]], node.input[where[1]])
+        elif node.op_type in _QUANT_KEEPING and node.input and node.input[0] in params:
+            for out in node.output[: 1 if node.op_type == "MaxPool" else len(node.output)]:
+                params[out] = params[node.input[0]]
+    return params
+
+
+def _requantized_only(graph: onnx.GraphProto) -> set[str]:
+    """Float tensors read only by QuantizeLinear (QDQ): the DequantizeLinear after it gives the
+    activation the network goes on with, so that one is the feature map, not this one."""
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.op_type)
+    return {t for t, ops in consumers.items() if ops and all(op == "QuantizeLinear" for op in ops)}
+
+
+def _dequantized_by_node(graph: onnx.GraphProto) -> set[str]:
+    """Integer tensors that a DequantizeLinear node turns back into float (QDQ pairs)."""
+    return {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
 
 
 def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
@@ -72,6 +121,31 @@ def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
             break
         logits = before
     return logits
+
+
+def score_quantizers(graph: onnx.GraphProto, reduction: str) -> set[str]:
+    """The integer tensor the score is dequantized from, if any (an int8 model's output
+    quantizer): its clip is not the network's, and the explained logit is often the largest
+    that calibration saw, which saturates; so the score's gradient passes it unclipped."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(reduction)
+    if node is not None and node.op_type == "DequantizeLinear":
+        return {node.input[0]}
+    return set()
+
+
+def dequantization(graph: onnx.GraphProto, info: TensorInfo, tensor: str) -> tuple[str, str] | None:
+    """(scale, zero point) of an integer feature tensor (QOperator), None for a float one; an
+    error for an integer tensor of unknown scale."""
+    if info.dtype(tensor) in _FLOAT_TYPES:
+        return None
+    params = quantization_params(graph).get(tensor)
+    if params is None:
+        raise LayerNotFoundError(
+            f"the tensor {tensor!r} is an integer tensor of unknown scale: to fix this, pick a float or "
+            "dequantizable one from `onnx-gradcam layers MODEL`"
+        )
+    return params
 
 
 def resolve(graph: onnx.GraphProto, name: str, what: str) -> str:
@@ -142,7 +216,9 @@ _LINEAR = {
 
 
 # a dense output's head: linear maps, plus the per-pixel output activation (probabilities)
-_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax"}
+# (a QDQ pair is the identity up to its clip: the tail runs through it, and a dequantized
+# activation is not a linear op's output, since the clip is where the quantizer put the ReLU)
+_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax", "QuantizeLinear", "DequantizeLinear"}
 
 
 def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str]) -> set[str]:
@@ -208,13 +284,17 @@ def candidates(
             "to fix this, choose another --reduction-layer"
         )
     pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
+    qparams = quantization_params(graph)
+    skip = _requantized_only(graph) | _dequantized_by_node(graph)
     found: list[tuple[str, onnx.NodeProto, tuple[int | str | None, ...]]] = []
     for node in nodes:
         for out in node.output:
-            if out not in fwd or out not in bwd or out == reduction or out in pooled:
+            if out not in fwd or out not in bwd or out == reduction or out in pooled or out in skip:
                 continue
             shape = info.shape(out)
-            if shape is None or len(shape) < 3 or info.dtype(out) not in _FLOAT_TYPES:
+            if shape is None or len(shape) < 3:
+                continue
+            if info.dtype(out) not in _FLOAT_TYPES and out not in qparams:
                 continue
             if _spatial_gt_one(shape):
                 found.append((out, node, shape))
@@ -227,7 +307,8 @@ def candidates(
         eligible = out not in tail or node.op_type not in _LINEAR | {"Mul", "Div", "MatMul"}
         is_default = dom and eligible and not default_set
         default_set = default_set or is_default
-        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default))
+        quant = qparams.get(out) if info.dtype(out) not in _FLOAT_TYPES else None
+        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default, quant))
     return list(reversed(result))
 
 
