@@ -10,6 +10,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -69,6 +70,16 @@ _OUTPUT_QPARAMS: dict[str, tuple[int, int]] = {
     "QLinearSoftmax": (3, 4),
     "QLinearConcat": (0, 1),
 }
+# QOperator ops that are a linear float op followed by requantization
+_QLINEAR_FLOAT = {
+    "QLinearConv": "Conv",
+    "QLinearMatMul": "MatMul",
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "QLinearConcat": "Concat",
+}
 # ops that move quantized values without changing their scale
 _QUANT_KEEPING = {"MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Split"}
 
@@ -87,19 +98,19 @@ def quantization_params(graph: onnx.GraphProto) -> dict[str, tuple[str, str]]:
     return params
 
 
-def _requantized_only(graph: onnx.GraphProto) -> set[str]:
-    """Float tensors read only by QuantizeLinear (QDQ): the DequantizeLinear after it gives the
-    activation the network goes on with, so that one is the feature map, not this one."""
+def _stand_ins(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that another tensor stands for (QDQ): a float tensor read only by QuantizeLinear
+    (the DequantizeLinear after it gives the activation the network goes on with), and an integer
+    tensor read only by DequantizeLinear (its float form is that node's output)."""
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node.op_type)
-    return {t for t, ops in consumers.items() if ops and all(op == "QuantizeLinear" for op in ops)}
-
-
-def _dequantized_by_node(graph: onnx.GraphProto) -> set[str]:
-    """Integer tensors that a DequantizeLinear node turns back into float (QDQ pairs)."""
-    return {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {
+        t
+        for t, ops in consumers.items()
+        if ops and (all(op == "QuantizeLinear" for op in ops) or all(op == "DequantizeLinear" for op in ops))
+    }
 
 
 def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
@@ -218,7 +229,7 @@ _LINEAR = {
 # a dense output's head: linear maps, plus the per-pixel output activation (probabilities)
 # (a QDQ pair is the identity up to its clip: the tail runs through it, and a dequantized
 # activation is not a linear op's output, since the clip is where the quantizer put the ReLU)
-_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax", "QuantizeLinear", "DequantizeLinear"}
+_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax", "QuantizeLinear", "DequantizeLinear"} | set(_QLINEAR_FLOAT)
 
 
 def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str]) -> set[str]:
@@ -264,6 +275,28 @@ def _after_global_pooling(
     return set()
 
 
+def _activation_op(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], info: TensorInfo) -> str:
+    """The op that made a tensor's values, looking through a QDQ pair DQ(Q(t)) to t's producer and
+    reading a QLinear op as its float op — unless the output's range starts at zero (zero point at
+    qmin): that clip is the ReLU the quantizer removed or fused, so the result is an activation."""
+    quant = node
+    if node.op_type == "DequantizeLinear" and node.input[0] in producers:
+        quant = producers[node.input[0]]
+        if quant.op_type != "QuantizeLinear" or quant.input[0] not in producers:
+            return node.op_type
+        made_by = producers[quant.input[0]].op_type
+    elif node.op_type in _QLINEAR_FLOAT:
+        made_by = _QLINEAR_FLOAT[node.op_type]
+    else:
+        return node.op_type
+    where = _OUTPUT_QPARAMS[quant.op_type]
+    zp = info.const(quant.input[where[1]]) if len(quant.input) > where[1] and quant.input[where[1]] else None
+    qmin = 0 if zp is None or zp.dtype.kind == "u" else int(np.iinfo(zp.dtype).min)
+    if zp is None or np.all(zp == qmin):
+        return "QuantizeLinear"
+    return made_by
+
+
 def candidates(
     graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True
 ) -> list[Candidate]:
@@ -285,7 +318,7 @@ def candidates(
         )
     pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
     qparams = quantization_params(graph)
-    skip = _requantized_only(graph) | _dequantized_by_node(graph)
+    skip = _stand_ins(graph)
     found: list[tuple[str, onnx.NodeProto, tuple[int | str | None, ...]]] = []
     for node in nodes:
         for out in node.output:
@@ -300,11 +333,12 @@ def candidates(
                 found.append((out, node, shape))
     rshape = info.shape(reduction)
     tail = _linear_tail(nodes, reduction, fwd & bwd) if rshape is not None and len(rshape) >= 3 else set()
+    producers = {o: n for n in nodes for o in n.output}
     result: list[Candidate] = []
     default_set = False
     for out, node, shape in reversed(found):
         dom = _dominates(nodes, [source], out, reduction) if (all_dominators or not default_set) else False
-        eligible = out not in tail or node.op_type not in _LINEAR | {"Mul", "Div", "MatMul"}
+        eligible = out not in tail or _activation_op(node, producers, info) not in _LINEAR | {"Mul", "Div", "MatMul"}
         is_default = dom and eligible and not default_set
         default_set = default_set or is_default
         quant = qparams.get(out) if info.dtype(out) not in _FLOAT_TYPES else None
