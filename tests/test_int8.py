@@ -33,7 +33,6 @@ from onnx_gradcam.surgery import layers
 from onnx_gradcam.surgery.prepare import Preprocess, prepare_model
 
 from .conftest import cpu_session, rel_err
-from .quantized import quantize
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime.quantization")
@@ -43,6 +42,7 @@ from .int8_ref import TailReference  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from export_torchvision import export  # noqa: E402
+from quantize_int8 import quantize  # noqa: E402
 
 CACHE = ROOT / ".cache" / "models"
 SAMPLES = ROOT / "models" / "samples"

@@ -33,6 +33,7 @@ class TensorInfo:
         self.folded: dict[str, list[int]] = {}  # integer values shape subgraphs compute
         # DequantizeLinear nodes, so that a dequantized constant weight is a float constant
         self._dequantized: dict[str, onnx.NodeProto] = {}
+        self._unfoldable: set[str] = set()
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
         source = constants_from if constants_from is not None else graph
@@ -106,11 +107,25 @@ class TensorInfo:
             return None
         if name not in self.constants and name in self._lazy:
             self.constants[name] = numpy_helper.to_array(self._lazy[name])
-        if name not in self.constants and name in self._dequantized:
-            folded = self._dequantize(self._dequantized.pop(name))
-            if folded is not None:
+        if name not in self.constants and name in self._dequantized and name not in self._unfoldable:
+            folded = self._dequantize(self._dequantized[name])
+            if folded is None:
+                self._unfoldable.add(name)
+            else:
                 self.constants[name] = folded
         return self.constants.get(name)
+
+    def dequantized_source(self, name: str) -> tuple[str, str, str, int] | None:
+        """(integer constant, scale, zero point, axis) when `name` is a DequantizeLinear of constants
+        per tensor or per axis (a QDQ model's weight), else None."""
+        node = self._dequantized.get(name)
+        if node is None or self.const(name) is None:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if int(attrs.get("block_size", 0)):
+            return None
+        zp = node.input[2] if len(node.input) > 2 else ""
+        return node.input[0], node.input[1], zp, int(attrs.get("axis", 1))
 
     def _dequantize(self, node: onnx.NodeProto) -> np.ndarray | None:
         """y = (x - zero_point) * scale of constant inputs (per tensor, per axis or per block),
@@ -177,9 +192,45 @@ class RuleContext:
     # quantized tensors whose requantization clip the gradient passes unclipped: the score's own
     # output quantizer (the explained logit is often the largest one calibration saw, i.e. qmax)
     unclipped: set[str] = field(default_factory=set)
+    # gradients the DequantizeLinear rule made as dY * s: dX -> (dY, scale, axis), so that the
+    # QuantizeLinear before it with the same scale passes dY itself (a QDQ pair's s / s = 1)
+    rescaled: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    _float_weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.opset = self.b.opset
+
+    def weight(self, name: str) -> str:
+        """A constant weight as the gradient reads it: for a dequantized int8 constant (QDQ), one
+        float initializer folded at prepare time, since the model's DequantizeLinear would run on
+        every call and a folded weight can be prepacked; any other tensor as it is."""
+        if self.info.dequantized_source(name) is None:
+            return name
+        if name not in self._float_weights:
+            value = self.info.const(name)
+            assert value is not None
+            folded = self.b.const(value, "dequantized_weight")
+            self.info.constants[folded] = value
+            self.info.shapes[folded] = tuple(value.shape)
+            self.info.dtypes[folded] = self.info.grad_dtype(name)
+            self._float_weights[name] = folded
+        return self._float_weights[name]
+
+    def gather_weight(self, name: str, index: str, axis: int) -> str:
+        """Gather(weight, index, axis); of a dequantized int8 constant only the gathered rows are
+        dequantized (their scales gathered along with them where the scale is per row)."""
+        source = self.info.dequantized_source(name)
+        if source is None:
+            return self.b.op("Gather", [name, index], axis=axis)
+        q, scale, zero_point, qaxis = source
+        rows = self.b.op("Gather", [q, index], axis=axis)
+        rank = self.info.rank(q) or 2
+        per_row = (self.info.rank(scale) or 0) == 1 and qaxis % rank == axis % rank
+        if per_row:
+            scale = self.b.op("Gather", [scale, index], axis=0)
+            zero_point = self.b.op("Gather", [zero_point, index], axis=0) if zero_point else ""
+        inputs = [rows, scale, zero_point] if zero_point else [rows, scale]
+        return self.b.op("DequantizeLinear", inputs, hint="dequantized_rows", axis=qaxis)
 
     def attrs(self, node: onnx.NodeProto) -> dict[str, Any]:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -64,7 +64,11 @@ def straight_through(
     dtype = ctx.info.dtype(zero_point) if zero_point else TensorProto.UINT8
     if dtype not in _RANGES:
         raise ctx.unsupported(node, f"quantized output type {helper.tensor_dtype_to_string(dtype)}")
-    scaled = b.op("Div", [dy, _along_axis(ctx, scale, y, axis)], hint="ste")
+    before = ctx.rescaled.get(dy)
+    if before is not None and before[1:] == (scale, axis):
+        scaled = before[0]  # a QDQ pair with one scale: (dY s) / s is dY itself (a one-hot stays one)
+    else:
+        scaled = b.op("Div", [dy, _along_axis(ctx, scale, y, axis)], hint="ste")
     if y in ctx.unclipped:
         return scaled
     lo, hi = _RANGES[dtype]
@@ -96,6 +100,7 @@ def dequantize_linear(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str 
     _blocked(ctx, node)
     axis = int(ctx.attrs(node).get("axis", 1))
     dx = ctx.b.op("Mul", [dy, _along_axis(ctx, node.input[1], node.input[0], axis)])
+    ctx.rescaled[dx] = (dy, node.input[1], axis)
     return [dx] + [None] * (len(node.input) - 1)
 
 
@@ -171,8 +176,13 @@ def _virtual(
 
 
 def _rescale(ctx: RuleContext, dxf: str | None, scale: str) -> str | None:
-    """d(integer input) = d(float input) * s_input."""
-    return None if dxf is None else ctx.b.op("Mul", [dxf, scale])
+    """d(integer input) = d(float input) * s_input (recorded, so that the requantization that made
+    the input divides it out exactly: see straight_through)."""
+    if dxf is None:
+        return None
+    dq = ctx.b.op("Mul", [dxf, scale])
+    ctx.rescaled[dq] = (dxf, scale, 1)
+    return dq
 
 
 def conv_integer(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:

@@ -1,11 +1,15 @@
-"""int8 versions of test models, made by onnxruntime's own quantizer (QDQ, QOperator, dynamic).
+"""int8 versions of a float model, made by onnxruntime's own quantizer (QDQ, QOperator, dynamic).
+
+    python tools/quantize_int8.py MODEL.onnx [--forms qdq qop dynamic] [--reduce-range]
 
 Static quantization is calibrated (MinMax) on the images given, by default random uniform
-[0, 1) ones; the files are cached beside the float model under `<stem>.<form>.onnx`.
+[0, 1) ones; the files are cached beside the float model under `<stem>.<form>.onnx`. Used by the
+tests and tools/bench.py; onnxruntime.quantization is a test/dev dependency, not the package's.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,3 +103,17 @@ def quantize(
             if leftover.exists():
                 leftover.unlink()
     return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path)
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    p.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
+    args = p.parse_args()
+    for form in args.forms:
+        print(quantize(args.model, form, reduce_range=args.reduce_range))
+
+
+if __name__ == "__main__":
+    main()
