@@ -151,7 +151,9 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     """List the feature maps Grad-CAM can use, deepest last; `*` marks the default.
 
     A feature map every path to the score passes through ('all paths: yes') explains the
-    whole decision; others explain only the part that flows through them.
+    whole decision; others explain only the part that flows through them. In int8 models the
+    list holds dequantized (float) tensors; an int8 tensor marked +DQ (QOperator models) is
+    dequantized for the CAM.
     """
     try:
         reduction, found = list_layers(model, reduction_layer)
