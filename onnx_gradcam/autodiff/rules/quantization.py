@@ -73,13 +73,10 @@ def straight_through(
         return scaled
     lo, hi = _RANGES[dtype]
     np_type = helper.tensor_dtype_to_np_dtype(dtype)
-    inside = b.op(
-        "And",
-        [
-            b.op("Greater", [y, b.const(np.array(lo, np_type), "qmin")]),
-            b.op("Less", [y, b.const(np.array(hi, np_type), "qmax")]),
-        ],
-    )
+    # qmin < Y < qmax as clip(Y, qmin + 1, qmax - 1) == Y: two nodes, not three (a tail of small
+    # tensors costs per node, not per element)
+    bounds = [b.const(np.array(lo + 1, np_type), "qmin"), b.const(np.array(hi - 1, np_type), "qmax")]
+    inside = b.op("Equal", [b.op("Clip", [y, *bounds]), y])
     return b.op("Where", [inside, scaled, ctx.scalar_like(dy, 0.0)], hint="ste_clipped")
 
 
