@@ -115,6 +115,16 @@ class TensorInfo:
                 self.constants[name] = folded
         return self.constants.get(name)
 
+    def add_dequantized(self, node: onnx.NodeProto) -> str:
+        """Know `node` (a DequantizeLinear of constants, not emitted) as the constant it computes;
+        a rule that needs it as a tensor asks RuleContext.weight or gather_weight."""
+        out, x, scale = node.output[0], node.input[0], node.input[1]
+        self._dequantized[out] = node
+        if x in self.shapes:
+            self.shapes[out] = self.shapes[x]
+        self.dtypes[out] = self.dtype(scale)
+        return out
+
     def dequantized_source(self, name: str) -> tuple[str, str, str, int] | None:
         """(integer constant, scale, zero point, axis) when `name` is a DequantizeLinear of constants
         per tensor or per axis (a QDQ model's weight), else None."""

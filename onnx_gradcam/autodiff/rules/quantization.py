@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..context import RuleContext, dequantize
+from ..context import RuleContext
 from . import activations, elementwise, linear, pooling, shape
 
 Grads = list[str | None]
@@ -126,35 +126,33 @@ def _register(ctx: RuleContext, name: str, like: str, dtype: int = TensorProto.F
     return name
 
 
-def _fold(ctx: RuleContext, value: np.ndarray, hint: str) -> str:
-    """A prepare-time float constant that float rules see as one (a dequantized weight)."""
-    name = ctx.b.const(value.astype(np.float32), hint)
-    ctx.info.constants[name] = value.astype(np.float32)
-    ctx.info.shapes[name] = tuple(value.shape)
-    ctx.info.dtypes[name] = TensorProto.FLOAT
-    return name
+def _constant(ctx: RuleContext, x: str, scale: str, zp: str, axis: int) -> str:
+    """The dequantized constant (x - zp) * s as rules see it: a name that TensorInfo knows the
+    value of, emitted only as the float rows or the whole float weight a rule asks for (a one-hot
+    class row is gathered from the int8 weight; a dense product gets a float initializer)."""
+    name = ctx.b.fresh("dequantized_weight")
+    inputs = [x, scale, zp] if zp else [x, scale]
+    return ctx.info.add_dequantized(helper.make_node("DequantizeLinear", inputs, [name], axis=axis))
 
 
 def _float_of(ctx: RuleContext, x: str, scale: str, zp: str, axis: int = 1) -> str:
     """DQ(x) = (x - zp) * s: folded when x is a constant (a weight), else a DequantizeLinear node."""
-    value = ctx.info.const(x)
-    s = ctx.info.const(scale)
-    if value is not None and s is not None:
-        return _fold(ctx, dequantize(value, s, ctx.info.const(zp) if zp else None, axis), "dequantized_weight")
+    if ctx.info.const(x) is not None and ctx.info.const(scale) is not None:
+        return _constant(ctx, x, scale, zp, axis)
     inputs = [x, scale, zp] if zp else [x, scale]
     return _register(ctx, ctx.b.op("DequantizeLinear", inputs, hint="dequantized", axis=axis), x)
 
 
-def _centered(ctx: RuleContext, node: onnx.NodeProto, x: str, zp: str) -> str:
-    """x - zp as float (ConvInteger/MatMulInteger operands): folded for a constant x."""
-    value = ctx.info.const(x)
-    if value is not None:
-        z = ctx.info.const(zp) if zp else None
-        if zp and z is None:
+def _centered(ctx: RuleContext, node: onnx.NodeProto, x: str, zp: str, axis: int) -> str:
+    """x - zp as float (ConvInteger/MatMulInteger operands): for a constant x, the dequantized
+    constant of scale 1 (zero point per row of a Conv weight, per column of a MatMul one)."""
+    if ctx.info.const(x) is not None:
+        if zp and ctx.info.const(zp) is None:
             raise ctx.unsupported(node, f"a weight zero point {zp!r} that is not a constant")
-        if z is not None and z.ndim == 1 and value.ndim > 1 and z.size == value.shape[0] and z.size > 1:
-            z = z.reshape([-1] + [1] * (value.ndim - 1))  # per output channel of a Conv weight
-        return _fold(ctx, value.astype(np.float64) - (0 if z is None else z.astype(np.float64)), "integer_weight")
+        one = np.array(1.0, np.float32)
+        unit = ctx.b.const(one, "unit_scale")
+        ctx.info.constants[unit], ctx.info.shapes[unit], ctx.info.dtypes[unit] = one, (), TensorProto.FLOAT
+        return _constant(ctx, x, unit, zp, axis)
     xf = ctx.b.op("Cast", [x], to=TensorProto.FLOAT)
     if zp:
         xf = ctx.b.op("Sub", [xf, ctx.b.op("Cast", [zp], to=TensorProto.FLOAT)])
@@ -188,7 +186,7 @@ def conv_integer(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
     assert dy is not None
     if len(wrt) > 1 and wrt[1]:
         raise ctx.unsupported(node, "weights that depend on the feature tensor")
-    w = _centered(ctx, node, node.input[1], _input(node, 3))
+    w = _centered(ctx, node, node.input[1], _input(node, 3), axis=0)
     (dx, *_) = linear.conv(ctx, _virtual("Conv", [node.input[0], w], node.output, node), [dy], [True, False])
     return [dx] + [None] * (len(node.input) - 1)
 
@@ -198,8 +196,8 @@ def matmul_integer(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | N
     dy = dys[0]
     assert dy is not None
     a, bq = node.input[0], node.input[1]
-    af = _centered(ctx, node, a, _input(node, 2)) if wrt[1] else a
-    bf = _centered(ctx, node, bq, _input(node, 3))
+    af = _centered(ctx, node, a, _input(node, 2), axis=0) if wrt[1] else a
+    bf = _centered(ctx, node, bq, _input(node, 3), axis=-1)
     da, db = linear.matmul(ctx, _virtual("MatMul", [af, bf], node.output, node), [dy], [wrt[0], wrt[1]])
     return [da, db] + [None] * (len(node.input) - 2)
 
