@@ -24,8 +24,6 @@ _RANGES: dict[int, tuple[int, int]] = {
     TensorProto.INT8: (-128, 127),
     TensorProto.UINT16: (0, 65535),
     TensorProto.INT16: (-32768, 32767),
-    TensorProto.UINT4: (0, 15),
-    TensorProto.INT4: (-8, 7),
 }
 
 
@@ -76,7 +74,10 @@ def straight_through(
     # qmin < Y < qmax as clip(Y, qmin + 1, qmax - 1) == Y: two nodes, not three (a tail of small
     # tensors costs per node, not per element)
     bounds = [b.const(np.array(lo + 1, np_type), "qmin"), b.const(np.array(hi - 1, np_type), "qmax")]
-    inside = b.op("Equal", [b.op("Clip", [y, *bounds]), y])
+    if dtype in (TensorProto.UINT8, TensorProto.INT8):
+        inside = b.op("Equal", [b.op("Clip", [y, *bounds]), y])
+    else:  # 16-bit activations: onnxruntime's Clip has no 16-bit kernels
+        inside = b.op("And", [b.op("GreaterOrEqual", [y, bounds[0]]), b.op("LessOrEqual", [y, bounds[1]])])
     return b.op("Where", [inside, scaled, ctx.scalar_like(dy, 0.0)], hint="ste_clipped")
 
 
