@@ -18,7 +18,7 @@ from onnx_gradcam.autodiff.backprop import backprop
 from onnx_gradcam.autodiff.builder import GraphBuilder
 from onnx_gradcam.autodiff.context import RuleContext, TensorInfo
 from onnx_gradcam.autodiff.registry import RULES
-from onnx_gradcam.surgery.shapes import _shape_stand_in
+from onnx_gradcam.surgery.shapes import shape_stand_in
 
 from .conftest import cpu_session, rel_err
 from .rule_cases import CASES, F64, Case
@@ -59,7 +59,7 @@ def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx's shape inference, com.microsoft ops read as their standard stand-ins."""
     stand_in = onnx.ModelProto()
     stand_in.CopyFrom(model)
-    nodes = [_shape_stand_in(n) for n in model.graph.node]
+    nodes = [shape_stand_in(n) for n in model.graph.node]
     del stand_in.graph.node[:]
     stand_in.graph.node.extend(nodes)
     return shape_inference.infer_shapes(stand_in, strict_mode=True)

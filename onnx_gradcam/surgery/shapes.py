@@ -28,7 +28,7 @@ def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
     large = [
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if _nbytes(t) > _SMALL
     ]
-    nodes = [_shape_stand_in(n) for n in g.node]
+    nodes = [shape_stand_in(n) for n in g.node]
     graph = helper.make_graph(nodes, g.name, [*g.input, *large], list(g.output), small)
     work = helper.make_model(graph, opset_imports=list(model.opset_import))
     work.ir_version = max(model.ir_version, 4)
@@ -56,7 +56,7 @@ _MS_SHAPES: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
-def _shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
+def shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
     """A standard node whose output has the shape of this com.microsoft quantized op's (QOperator
     models), so that onnx's shape inference goes on past it; other nodes as they are."""
     if node.domain != "com.microsoft" or node.op_type not in _MS_SHAPES and node.op_type != "QLinearConcat":
