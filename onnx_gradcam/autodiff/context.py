@@ -233,6 +233,9 @@ class RuleContext:
         if source is None:
             return self.b.op("Gather", [name, index], axis=axis)
         q, scale, zero_point, qaxis = source
+        zp_value = self.info.const(zero_point) if zero_point else None
+        if zp_value is not None and not np.any(zp_value):
+            zero_point = ""  # symmetric int8 weights: a zero point of zeros is the default
         rows = self.b.op("Gather", [q, index], axis=axis)
         rank = self.info.rank(q) or 2
         per_row = (self.info.rank(scale) or 0) == 1 and qaxis % rank == axis % rank
