@@ -320,7 +320,7 @@ def int8_table(args: argparse.Namespace) -> None:
         "(b)/(a): median of the per-pair ratios [the processes' extremes]; peak RSS of the process holding "
         "both sessions. int8 files: onnxruntime's quantize_static (MinMax on 8 random images) or "
         "quantize_dynamic, default options. 1 + appended/original: onnxruntime's profiler on the prepared model "
-        "(20 calls), the kernel time of the appended nodes over that of the model's own: what (b)/(a) would be "
+        "(10 calls), the kernel time of the appended nodes over that of the model's own: what (b)/(a) would be "
         "without the machine's drift.",
         "",
         "| model | form | batch | (a) plain int8 | (b) prepared int8 | (b)/(a) | 1 + appended/original | RSS (a+b) |",
@@ -343,7 +343,7 @@ def int8_table(args: argparse.Namespace) -> None:
                 b = statistics.median(r["b"] for r in res)
                 ratio = statistics.median(r["ratio"] for r in res)
                 spread = f"{min(r['ratio'] for r in res):.3f}-{max(r['ratio'] for r in res):.3f}"
-                profiled = ["--worker", "p", key, str(batch), "--threads", str(args.threads), "--runs", "20"]
+                profiled = ["--worker", "p", key, str(batch), "--threads", str(args.threads), "--runs", "10"]
                 share = _spawn([*profiled, "--workdir", str(args.workdir)])["share"]
                 print(
                     f"{key} b{batch}: {a:.1f} / {b:.1f} ms, ratio {ratio:.3f} ({spread}), appended {share:.3f}",
