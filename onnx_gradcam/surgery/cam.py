@@ -222,6 +222,9 @@ def dequantized_feature(ctx: RuleContext, q: str, grad: str, params: tuple[str, 
     a = b.op("DequantizeLinear", [q, scale, zero_point], hint="features_dequantized")
     info.shapes[a] = info.shapes.get(q, ())
     info.dtypes[a] = info.dtype(scale) if info.dtype(scale) in FLOAT_TYPES else TensorProto.FLOAT
+    before = ctx.rescaled.get(grad)
+    if before is not None and before[1] == scale:
+        return a, before[0]  # the rule made dS/dq as dS/dA * s: dS/dA itself, exactly
     da = b.op("Div", [grad, scale], hint="gradient_dequantized")
     for known in (ctx.spatial_constant, ctx.channel_sum):  # cheap forms of the gradient carry over
         if grad in known:

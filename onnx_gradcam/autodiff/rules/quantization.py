@@ -178,6 +178,9 @@ def _rescale(ctx: RuleContext, dxf: str | None, scale: str) -> str | None:
         return None
     dq = ctx.b.op("Mul", [dxf, scale])
     ctx.rescaled[dq] = (dxf, scale, 1)
+    for known in (ctx.spatial_constant, ctx.channel_sum):  # cheap forms of the gradient carry over
+        if dxf in known:
+            known[dq] = ctx.b.op("Mul", [known[dxf], scale])
     return dq
 
 
