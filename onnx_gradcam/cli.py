@@ -169,7 +169,9 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     """List the feature maps Grad-CAM can use, deepest last; `*` marks the default.
 
     A feature map every path to the score passes through ('all paths: yes') explains the
-    whole decision; others explain only the part that flows through them.
+    whole decision; others explain only the part that flows through them. In int8 models the
+    list holds dequantized (float) tensors; an int8 tensor marked +DQ (QOperator models) is
+    dequantized for the CAM.
     """
     try:
         reduction, found = list_layers(model, reduction_layer)
@@ -182,7 +184,8 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     for c in rows:
         shape = "[" + ", ".join(str(d) if d is not None else "?" for d in c.shape) + "]"
         mark = "*" if c.default else " "
-        click.echo(f"{mark} {c.name:<{width}}  {c.op_type:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
+        op = f"{c.op_type}+DQ" if c.dequantize else c.op_type  # int8, dequantized for the CAM
+        click.echo(f"{mark} {c.name:<{width}}  {op:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
     if not show_all:
         hidden = len(found) - len(rows)
         if hidden:

@@ -26,6 +26,10 @@ class Case:
     outputs: int = 1
     dtype: Any = F64
     symbolic: tuple[int, ...] = ()  # axes of the inputs declared with symbolic (dynamic) sizes
+    # int8 ops: the op in float64 with straight-through requantization, f(inputs, onnxruntime's
+    # outputs) -> outputs; differentiated instead of onnxruntime (see INT8_CASES)
+    surrogate: Any = None
+    exact: bool = True  # False: onnxruntime rounds in integer arithmetic (its output within 1)
 
 
 def rnd(*shape: int, seed: int = 0, lo: float = -1.0, hi: float = 1.0, away: float = 0.0) -> np.ndarray:
@@ -408,3 +412,372 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
 }
+
+
+# -- int8: quantizers and quantized ops ----------------------------------------------------
+# onnxruntime's output is integer, a staircase that finite differences cannot see through; so
+# each case has a `surrogate`: the op in float64 with its output requantization replaced by the
+# clipped straight-through form, y = z = f(DQ(inputs)) / s_y + zp_y where the integer output that
+# onnxruntime computed lies strictly inside [qmin, qmax], else that output (a constant). The
+# harness checks that round(z) is onnxruntime's output (within 1 where onnxruntime rounds in
+# integer arithmetic), then differentiates the surrogate by central differences.
+
+U8, I8, I32 = np.uint8, np.int8, np.int32
+QRANGE = {np.dtype(U8): (0, 255), np.dtype(I8): (-128, 127)}
+
+
+def ints(*shape: int, dtype: Any = U8, seed: int = 0, lo: int = 0, hi: int = 255) -> np.ndarray:
+    return np.random.RandomState(seed + 11 * len(shape) + sum(shape)).randint(lo, hi + 1, size=shape).astype(dtype)
+
+
+def ste(z: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """z where the base integer output is strictly inside its range, else that output."""
+    lo, hi = QRANGE[np.dtype(base.dtype)]
+    inside = (base > lo) & (base < hi)
+    return np.where(inside, z, base.astype(np.float64))
+
+
+def along(v: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    if v.ndim == 0 or rank <= 1:
+        return v
+    return v.reshape([1] * axis + [v.size] + [1] * (rank - axis - 1))
+
+
+def dq(x: np.ndarray, s: Any, zp: Any, axis: int = 1) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return (x - along(zp, x.ndim, axis)) * along(s, x.ndim, axis)
+
+
+def conv2d(
+    x: np.ndarray, w: np.ndarray, strides: tuple[int, int] = (1, 1), pads: tuple[int, ...] = (0, 0, 0, 0)
+) -> np.ndarray:
+    """Plain NCHW convolution (group 1) in float64, for the surrogates."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    kh, kw = w.shape[2:]
+    oh, ow = (xp.shape[2] - kh) // strides[0] + 1, (xp.shape[3] - kw) // strides[1] + 1
+    out = np.zeros((x.shape[0], w.shape[0], oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            win = xp[:, :, i * strides[0] : i * strides[0] + kh, j * strides[1] : j * strides[1] + kw]
+            out[:, :, i, j] = np.einsum("nchw,ochw->no", win, w)
+    return out
+
+
+def requantize(f: np.ndarray, s: Any, zp: Any, base: np.ndarray) -> np.ndarray:
+    return ste(f / float(s) + float(zp), base)
+
+
+def _scale_for(f: np.ndarray, dtype: Any = U8, spare: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) covering `spare` of f's range: the extremes saturate, as in deployment."""
+    lo, hi = QRANGE[np.dtype(dtype)]
+    s = (float(f.max()) - float(f.min())) * spare / (hi - lo)
+    zp = int(np.clip(round(lo - float(f.min()) * spare / s), lo, hi))
+    return np.array(s, F32), np.array(zp, dtype)
+
+
+def _qcase(
+    id: str,
+    inputs: list[tuple[str, Any, bool]],
+    surrogate: Any,
+    wrt: tuple[str, ...] = ("x",),
+    attrs: dict[str, Any] | None = None,
+    outputs: int = 1,
+    opset: int = 17,
+    exact: bool = True,
+) -> Case:
+    return Case(id, inputs, attrs or {}, wrt, opset, outputs, F32, surrogate=surrogate, exact=exact)
+
+
+# fixed operands of the cases below, and output scales that saturate a few values
+_XQ = ints(1, 2, 5, 5, seed=3)
+_XS, _XZ = np.array(0.02, F32), np.array(128, U8)
+_WQ = ints(3, 2, 3, 3, dtype=I8, seed=4, lo=-63, hi=63)  # 7 bits: no u8s8 saturation in the CPU kernels
+_WS = np.array([0.01, 0.02, 0.015], F32)
+_B32 = np.array([100, -50, 0], I32)
+_CONV_F = conv2d(dq(_XQ, _XS, _XZ), dq(_WQ, _WS, 0, axis=0), pads=(1, 1, 1, 1)) + along(_B32 * _XS * _WS, 4, 1)
+_CONV_S, _CONV_Z = _scale_for(_CONV_F)
+_AQ, _BQ = ints(2, 4, seed=5), ints(4, 3, dtype=I8, seed=6, lo=-63, hi=63)
+_AS, _AZ, _BS, _BZ = np.array(0.03, F32), np.array(120, U8), np.array(0.02, F32), np.array(0, I8)
+_MM_F = dq(_AQ, _AS, _AZ) @ dq(_BQ, _BS, _BZ)
+_MM_S, _MM_Z = _scale_for(_MM_F)
+_GEMM_C = np.array([300, -200, 50], I32)
+_GEMM_F = dq(_AQ, _AS, _AZ) @ dq(_BQ, _BS, _BZ) + _GEMM_C * float(_AS * _BS)
+_GEMM_S, _GEMM_Z = _scale_for(_GEMM_F)
+_EA, _EB = ints(2, 3, 4, seed=7), ints(3, 1, seed=8)
+_ES, _EZ, _FS, _FZ = np.array(0.05, F32), np.array(100, U8), np.array(0.04, F32), np.array(140, U8)
+_ADD_S, _ADD_Z = _scale_for(dq(_EA, _ES, _EZ) + dq(_EB, _FS, _FZ))
+_MUL_S, _MUL_Z = _scale_for(dq(_EA, _ES, _EZ) * dq(_EB, _FS, _FZ))
+_PX = ints(2, 3, 4, 4, seed=9)
+_GAP_S, _GAP_Z = _scale_for(dq(_PX, _XS, _XZ).mean(axis=(2, 3)), spare=0.8)
+_AVG_F = dq(_PX, _XS, _XZ).reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5))
+_AVG_S, _AVG_Z = _scale_for(_AVG_F)
+_UX = ints(2, 6, seed=10)
+_SIG_S, _SIG_Z = _scale_for(1 / (1 + np.exp(-dq(_UX, np.array(0.04, F32), _XZ))))
+_LRELU_F = dq(_UX, np.array(0.04, F32), _XZ)
+_LRELU_S, _LRELU_Z = _scale_for(np.where(_LRELU_F > 0, _LRELU_F, 0.1 * _LRELU_F))
+_DQL_X = rnd(2, 3, 4, lo=-1.0, hi=3.0).astype(F32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+INT8_CASES: dict[str, list[Case]] = {
+    "QuantizeLinear": [
+        _qcase(
+            "per_tensor_uint8_saturating",
+            [x_(rnd(2, 3, 4, lo=-1.0, hi=6.0).astype(F32)), c_("s", np.array(0.02, F32)), c_("zp", np.array(10, U8))],
+            lambda v, base: [ste(v["x"] / v["s"] + v["zp"], base[0])],
+        ),
+        _qcase(
+            "per_axis_int8",
+            [
+                x_(rnd(2, 3, 4, lo=-2.0, hi=2.0).astype(F32)),
+                c_("s", np.array([0.01, 0.02, 0.005], F32)),
+                c_("zp", np.array([0, 5, -3], I8)),
+            ],
+            lambda v, base: [ste(v["x"] / along(v["s"], 3, 1) + along(v["zp"], 3, 1), base[0])],
+            attrs={"axis": 1},
+        ),
+    ],
+    "DequantizeLinear": [
+        _qcase(
+            "per_tensor_uint8",
+            [x_(ints(2, 3, 4)), c_("s", np.array(0.02, F32)), c_("zp", np.array(128, U8))],
+            lambda v, base: [dq(v["x"], v["s"], v["zp"])],
+        ),
+        _qcase(
+            "per_axis_int8",
+            [
+                x_(ints(2, 3, 4, dtype=I8, lo=-128, hi=127)),
+                c_("s", np.array([0.01, 0.02, 0.005], F32)),
+                c_("zp", np.array([0, 5, -3], I8)),
+            ],
+            lambda v, base: [dq(v["x"], v["s"], v["zp"], 1)],
+            attrs={"axis": 1},
+        ),
+    ],
+    "DynamicQuantizeLinear": [
+        _qcase(
+            "uint8",
+            [x_(_DQL_X)],
+            # scale and zero point are those of the base point (straight-through: not differentiated)
+            lambda v, base: [ste(v["x"] / float(base[1]) + float(base[2]), base[0]), base[1] * 1.0, base[2] * 1.0],
+            outputs=3,
+        ),
+    ],
+    "ConvInteger": [
+        _qcase(
+            "pads_zero_points",
+            [x_(_XQ), c_("w", _WQ), c_("xz", _XZ), c_("wz", np.array(3, I8))],
+            lambda v, base: [conv2d(v["x"] - v["xz"], v["w"] - v["wz"], pads=(1, 1, 1, 1))],
+            attrs={"pads": [1, 1, 1, 1]},
+        ),
+    ],
+    "MatMulInteger": [
+        _qcase(
+            "constant_b",
+            [x_(_AQ), c_("b", _BQ), c_("az", _AZ), c_("bz", np.array(2, I8))],
+            lambda v, base: [(v["x"] - v["az"]) @ (v["b"] - v["bz"])],
+        ),
+    ],
+    "QLinearConv": [
+        _qcase(
+            "per_channel_bias_pads",
+            [
+                x_(_XQ),
+                c_("xs", _XS),
+                c_("xz", _XZ),
+                c_("w", _WQ),
+                c_("ws", _WS),
+                c_("wz", np.zeros(3, I8)),
+                c_("ys", _CONV_S),
+                c_("yz", _CONV_Z),
+                c_("b", _B32),
+            ],
+            lambda v, base: [
+                requantize(
+                    conv2d(dq(v["x"], v["xs"], v["xz"]), dq(v["w"], v["ws"], 0, axis=0), pads=(1, 1, 1, 1))
+                    + along(v["b"] * v["xs"] * v["ws"], 4, 1),
+                    v["ys"],
+                    v["yz"],
+                    base[0],
+                )
+            ],
+            attrs={"pads": [1, 1, 1, 1]},
+        ),
+    ],
+    "QLinearMatMul": [
+        _qcase(
+            "constant_b",
+            [
+                x_(_AQ),
+                c_("as", _AS),
+                c_("az", _AZ),
+                c_("b", _BQ),
+                c_("bs", _BS),
+                c_("bz", _BZ),
+                c_("ys", _MM_S),
+                c_("yz", _MM_Z),
+            ],
+            lambda v, base: [
+                requantize(dq(v["x"], v["as"], v["az"]) @ dq(v["b"], v["bs"], v["bz"]), v["ys"], v["yz"], base[0])
+            ],
+        ),
+    ],
+    "com.microsoft.QGemm": [
+        _qcase(
+            "transB_bias",
+            [
+                x_(_AQ),
+                c_("as", _AS),
+                c_("az", _AZ),
+                c_("b", np.ascontiguousarray(_BQ.T)),
+                c_("bs", _BS),
+                c_("bz", _BZ),
+                c_("c", _GEMM_C),
+                c_("ys", _GEMM_S),
+                c_("yz", _GEMM_Z),
+            ],
+            lambda v, base: [
+                requantize(
+                    dq(v["x"], v["as"], v["az"]) @ dq(v["b"], v["bs"], v["bz"]).T + v["c"] * v["as"] * v["bs"],
+                    v["ys"],
+                    v["yz"],
+                    base[0],
+                )
+            ],
+            attrs={"transB": 1},
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearAdd": [
+        _qcase(
+            "broadcast",
+            [
+                x_(_EA),
+                c_("as", _ES),
+                c_("az", _EZ),
+                x_(_EB, "b"),
+                c_("bs", _FS),
+                c_("bz", _FZ),
+                c_("ys", _ADD_S),
+                c_("yz", _ADD_Z),
+            ],
+            lambda v, base: [
+                requantize(dq(v["x"], v["as"], v["az"]) + dq(v["b"], v["bs"], v["bz"]), v["ys"], v["yz"], base[0])
+            ],
+            wrt=("x", "b"),
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearMul": [
+        _qcase(
+            "broadcast",
+            [
+                x_(_EA),
+                c_("as", _ES),
+                c_("az", _EZ),
+                x_(_EB, "b"),
+                c_("bs", _FS),
+                c_("bz", _FZ),
+                c_("ys", _MUL_S),
+                c_("yz", _MUL_Z),
+            ],
+            lambda v, base: [
+                requantize(dq(v["x"], v["as"], v["az"]) * dq(v["b"], v["bs"], v["bz"]), v["ys"], v["yz"], base[0])
+            ],
+            wrt=("x", "b"),
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearGlobalAveragePool": [
+        _qcase(
+            "rank4",
+            [x_(_PX), c_("xs", _XS), c_("xz", _XZ), c_("ys", _GAP_S), c_("yz", _GAP_Z)],
+            lambda v, base: [
+                requantize(dq(v["x"], v["xs"], v["xz"]).mean(axis=(2, 3), keepdims=True), v["ys"], v["yz"], base[0])
+            ],
+            attrs={"channels_last": 0},
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearAveragePool": [
+        _qcase(
+            "k2s2",
+            [x_(_PX), c_("xs", _XS), c_("xz", _XZ), c_("ys", _AVG_S), c_("yz", _AVG_Z)],
+            lambda v, base: [
+                requantize(
+                    dq(v["x"], v["xs"], v["xz"]).reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5)), v["ys"], v["yz"], base[0]
+                )
+            ],
+            attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearConcat": [
+        _qcase(
+            "axis1",
+            [
+                c_("ys", np.array(0.05, F32)),
+                c_("yz", np.array(128, U8)),
+                x_(_EA[:, :2]),
+                c_("as", _ES),
+                c_("az", _EZ),
+                x_(_EA[:, 2:], "b"),
+                c_("bs", _FS),
+                c_("bz", _FZ),
+            ],
+            lambda v, base: [
+                requantize(
+                    np.concatenate([dq(v["x"], v["as"], v["az"]), dq(v["b"], v["bs"], v["bz"])], axis=1),
+                    v["ys"],
+                    v["yz"],
+                    base[0],
+                )
+            ],
+            wrt=("x", "b"),
+            attrs={"axis": 1},
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearSigmoid": [
+        _qcase(
+            "plain",
+            [x_(_UX), c_("xs", np.array(0.04, F32)), c_("xz", _XZ), c_("ys", _SIG_S), c_("yz", _SIG_Z)],
+            lambda v, base: [requantize(1 / (1 + np.exp(-dq(v["x"], v["xs"], v["xz"]))), v["ys"], v["yz"], base[0])],
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearLeakyRelu": [
+        _qcase(
+            "alpha",
+            [x_(_UX), c_("xs", np.array(0.04, F32)), c_("xz", _XZ), c_("ys", _LRELU_S), c_("yz", _LRELU_Z)],
+            lambda v, base: [
+                requantize(
+                    (lambda f: np.where(f > 0, f, 0.1 * f))(dq(v["x"], v["xs"], v["xz"])), v["ys"], v["yz"], base[0]
+                )
+            ],
+            attrs={"alpha": 0.1},
+            exact=False,
+        ),
+    ],
+    "com.microsoft.QLinearSoftmax": [
+        _qcase(
+            "last_axis",
+            [
+                x_(_UX),
+                c_("xs", np.array(0.04, F32)),
+                c_("xz", _XZ),
+                c_("ys", np.array(1 / 256, F32)),
+                c_("yz", np.array(0, U8)),
+            ],
+            lambda v, base: [requantize(_softmax(dq(v["x"], v["xs"], v["xz"])), v["ys"], v["yz"], base[0])],
+            attrs={"axis": -1, "opset": 13},
+            exact=False,
+        ),
+    ],
+}
+CASES.update(INT8_CASES)

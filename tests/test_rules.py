@@ -2,7 +2,9 @@
 
 The cases come from tests/rule_cases.py, keyed by op type; a rule without a case fails.
 Tolerances: float64 cases 1e-6 (step 1e-6), float32 cases 2e-3 (step 1e-2), both relative to
-the largest magnitude of the numerical gradient.
+the largest magnitude of the numerical gradient. int8 ops are differentiated through their
+float64 straight-through surrogate (rule_cases.INT8_CASES): step 1e-3, tolerance 1e-5 (the
+engine's gradient is float32).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from onnx_gradcam.autodiff.backprop import backprop
 from onnx_gradcam.autodiff.builder import GraphBuilder
 from onnx_gradcam.autodiff.context import RuleContext, TensorInfo
 from onnx_gradcam.autodiff.registry import RULES
+from onnx_gradcam.surgery.shapes import shape_stand_in
 
 from .conftest import cpu_session, rel_err
 from .rule_cases import CASES, F64, Case
 
 TOL = {np.dtype(F64): (1e-6, 1e-6), np.dtype(np.float32): (1e-2, 2e-3)}
+SURROGATE_TOL = (1e-3, 1e-5)
+MS = "com.microsoft."
 
 
 def _typed(case: Case, value: np.ndarray) -> np.ndarray:
@@ -31,7 +36,8 @@ def _typed(case: Case, value: np.ndarray) -> np.ndarray:
 def _forward_model(op: str, case: Case) -> onnx.ModelProto:
     names = [n for n, _, _ in case.inputs]
     outs = [f"y{i}" for i in range(case.outputs)]
-    node = helper.make_node(op, names, outs, name=f"{op}_under_test", **case.attrs)
+    domain = "com.microsoft" if op.startswith(MS) else ""
+    node = helper.make_node(op.removeprefix(MS), names, outs, name=f"{op}_under_test", domain=domain, **case.attrs)
     inputs, inits = [], []
     for name, value, const in case.inputs:
         if value is None:
@@ -43,14 +49,25 @@ def _forward_model(op: str, case: Case) -> onnx.ModelProto:
             dims = [f"{name}_d{i}" if i in case.symbolic else d for i, d in enumerate(arr.shape)]
             inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), dims))
     graph = helper.make_graph([node], "case", inputs, [onnx.ValueInfoProto(name=o) for o in outs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    imports = [helper.make_opsetid("", case.opset)] + ([helper.make_opsetid("com.microsoft", 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = 8
     return _typed_outputs(model)
 
 
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference, com.microsoft ops read as their standard stand-ins."""
+    stand_in = onnx.ModelProto()
+    stand_in.CopyFrom(model)
+    nodes = [shape_stand_in(n) for n in model.graph.node]
+    del stand_in.graph.node[:]
+    stand_in.graph.node.extend(nodes)
+    return shape_inference.infer_shapes(stand_in, strict_mode=True)
+
+
 def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give the graph outputs the types and shapes onnx's shape inference finds."""
-    inferred = shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = _inferred(model)
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.output if vi.type.HasField("tensor_type")})
     outs = [known[o.name] for o in model.graph.output]
@@ -60,8 +77,8 @@ def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _gradient_model(fwd: onnx.ModelProto, source: str, seeds: dict[str, np.ndarray], opset: int) -> onnx.ModelProto:
-    inferred = shape_inference.infer_shapes(fwd, strict_mode=True)
-    info = TensorInfo(inferred.graph)
+    inferred = _inferred(fwd)
+    info = TensorInfo(inferred.graph, constants_from=fwd.graph)
     taken = {o for n in fwd.graph.node for o in n.output} | {i.name for i in fwd.graph.input}
     taken |= {i.name for i in fwd.graph.initializer}
     b = GraphBuilder(opset, taken)
@@ -80,7 +97,7 @@ def _gradient_model(fwd: onnx.ModelProto, source: str, seeds: dict[str, np.ndarr
         )
     del g.output[:]
     like = next(vi for vi in fwd.graph.input if vi.name == source)
-    g.output.append(helper.make_tensor_value_info("dx", like.type.tensor_type.elem_type, None))
+    g.output.append(helper.make_tensor_value_info("dx", info.grad_dtype(source), None))
     g.output[0].type.tensor_type.shape.CopyFrom(like.type.tensor_type.shape)
     return model
 
@@ -101,18 +118,33 @@ def test_rule_matches_finite_differences(op: str, case: Case, wrt: str) -> None:
     run_fwd = cpu_session(fwd.SerializeToString())
     outs = run_fwd.run(None, feeds)
     rs = np.random.RandomState(1)
-    seeds = {f"y{i}": rs.uniform(-1, 1, o.shape).astype(o.dtype) for i, o in enumerate(outs)}
+    # an integer output's gradient is float32 (by its integer value read as a real number)
+    seeds = {
+        f"y{i}": rs.uniform(-1, 1, o.shape).astype(o.dtype if o.dtype.kind == "f" else np.float32)
+        for i, o in enumerate(outs)
+    }
 
     grad_model = _gradient_model(fwd, wrt, seeds, case.opset)
-    onnx.checker.check_model(grad_model, full_check=True)
+    onnx.checker.check_model(grad_model, full_check=not op.startswith(MS))
     run_grad = cpu_session(grad_model.SerializeToString())
     (analytic,) = run_grad.run(None, {**feeds, **{f"seed_{k}": v for k, v in seeds.items()}})
 
-    step, tol = TOL[np.dtype(feeds[wrt].dtype)]
+    if case.surrogate is not None:
+        step, tol = SURROGATE_TOL
+        every = {n: np.asarray(_typed(case, v), np.float64) for n, v, _ in case.inputs if v is not None}
+        _check_surrogate(case, case.surrogate(every, outs), outs)
 
-    def loss(values: dict[str, np.ndarray]) -> float:
-        ys = run_fwd.run(None, values)
-        return float(sum(np.sum(np.asarray(y, np.float64) * seeds[f"y{i}"]) for i, y in enumerate(ys)))
+        def loss(values: dict[str, np.ndarray]) -> float:
+            ys = case.surrogate({**every, **values}, outs)
+            return float(sum(np.sum(np.asarray(y, np.float64) * seeds[f"y{i}"]) for i, y in enumerate(ys)))
+
+        feeds = {n: every[n] for n in feeds}
+    else:
+        step, tol = TOL[np.dtype(feeds[wrt].dtype)]
+
+        def loss(values: dict[str, np.ndarray]) -> float:
+            ys = run_fwd.run(None, values)
+            return float(sum(np.sum(np.asarray(y, np.float64) * seeds[f"y{i}"]) for i, y in enumerate(ys)))
 
     base = feeds[wrt]
     numeric = np.zeros(base.shape, np.float64)
@@ -124,3 +156,16 @@ def test_rule_matches_finite_differences(op: str, case: Case, wrt: str) -> None:
     assert analytic.shape == base.shape
     err = rel_err(analytic, numeric)
     assert err < tol, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def _check_surrogate(case: Case, ys: list[np.ndarray], outs: list[np.ndarray]) -> None:
+    """The surrogate computes onnxruntime's op: its values round (half to even) to onnxruntime's
+    integer outputs (within 1 where onnxruntime rounds in integer arithmetic), equal float ones."""
+    for y, o in zip(ys, outs, strict=True):
+        assert y.shape == o.shape
+        if o.dtype.kind == "f":
+            np.testing.assert_allclose(y, o, rtol=1e-6, atol=1e-7)
+            continue
+        info = np.iinfo(o.dtype)
+        off = np.abs(np.clip(np.round(y), info.min, info.max) - o.astype(np.float64))
+        assert off.max() <= (0 if case.exact else 1), f"surrogate off by {off.max()} from onnxruntime"

@@ -1,12 +1,15 @@
 """Benchmark: Grad-CAM in the graph against plain inference and pytorch-grad-cam.
 
     python tools/bench.py [--threads 2] [--models resnet50 ...] [--batches 1 8] [--rounds 3] [--out BENCHMARKS.md]
+    python tools/bench.py --int8 qdq qop dynamic --models resnet50 mobilenet_v3_large --out int8.md
 
 Variants, each timed in a fresh process per round (warm-up, then at least --runs calls; the
 variants take turns; the median of the rounds' medians is reported) with its peak RSS:
 (a) plain onnxruntime on the original model, (b) the prepared model, (c) pytorch-grad-cam
 GradCAM on the same torch model and layer, (d) the Explainer API with arrays in memory,
 (e) the `explain` CLI on 100 JPEG files (images/s). Ratios compare variants of ONE run only.
+With --int8 FORMS, (a) and (b) for each int8 form of each model instead (tools/quantize_int8.py,
+calibrated on random images): the plain int8 model and the prepared int8 model.
 """
 
 from __future__ import annotations
@@ -61,6 +64,60 @@ def _timed(fn, runs: int, warmup: int = 2, min_seconds: float = 1.0, max_runs: i
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": runs}
 
 
+def _interleaved(fa, fb, runs: int, min_seconds: float = 2.0, max_runs: int = 400) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Medians (ms) of fa and fb called in turn (a, b, a, b, ...) after warm-up, and the median of
+    the per-pair ratios b/a: each ratio compares two calls a few ms apart."""
+    start = time.perf_counter()
+    for _ in range(2):
+        fa()
+        fb()
+    per_pair = (time.perf_counter() - start) / 2
+    runs = max(runs, min(max_runs, int(min_seconds / max(per_pair, 1e-9))))
+    ta, tb = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fa()
+        ta.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        fb()
+        tb.append((time.perf_counter() - t) * 1000)
+    return {
+        "a": statistics.median(ta),
+        "b": statistics.median(tb),
+        "ratio": statistics.median(b / a for a, b in zip(ta, tb)),
+        "runs": runs,
+        "rss_mb": peak_rss_mb(),
+    }
+
+
+def _appended_share(path: str, threads: int, x, runs: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Kernel time of the appended (gradcam/) nodes over that of the original ones, from
+    onnxruntime's profiler over `runs` calls: drifts of a shared machine hit both alike."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    names = ["logits", "gradcam_map", "gradcam_target", "gradcam_score"]
+    for _ in range(2 + runs):
+        sess.run(names, {"input": x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    appended = original = 0.0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            if e["name"].startswith("gradcam/"):
+                appended += e["dur"]
+            else:
+                original += e["dur"]
+    return {"share": appended / original, "rss_mb": peak_rss_mb()}
+
+
 def _ort_session(path: str, threads: int):
     import onnxruntime as ort
 
@@ -75,7 +132,7 @@ def worker(variant: str, model: str, batch: int, threads: int, runs: int, workdi
     """One variant in this (fresh) process; returns timings and peak RSS."""
     import numpy as np
 
-    size = 299 if model == "inception_v3" else 224
+    size = 299 if model.startswith("inception_v3") else 224
     x = np.random.RandomState(0).rand(batch, 3, size, size).astype(np.float32)
     plain, prepared = workdir / f"{model}.onnx", workdir / f"{model}.gradcam.onnx"
     if variant == "a":
@@ -85,6 +142,12 @@ def worker(variant: str, model: str, batch: int, threads: int, runs: int, workdi
         sess = _ort_session(str(prepared), threads)
         names = ["logits", "gradcam_map", "gradcam_target", "gradcam_score"]
         result = _timed(lambda: sess.run(names, {"input": x}), runs)
+    elif variant == "ab":  # both in one process, call by call in turn: drifts of a shared machine hit both
+        sa, sb = _ort_session(str(plain), threads), _ort_session(str(prepared), threads)
+        names = ["logits", "gradcam_map", "gradcam_target", "gradcam_score"]
+        return _interleaved(lambda: sa.run(None, {"input": x}), lambda: sb.run(names, {"input": x}), runs)
+    elif variant == "p":  # onnxruntime's profiler: the appended nodes' share of the kernel time
+        return _appended_share(str(prepared), threads, x, runs)
     elif variant == "c":
         import torch
         import torchvision
@@ -174,12 +237,16 @@ def main() -> None:
     p.add_argument("--variants", default="abcde")
     p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    p.add_argument("--int8", nargs="+", default=None, metavar="FORM", help="qdq, qdq_per_tensor, qop, dynamic")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.worker:
         v, m, b = args.worker
         print(json.dumps(worker(v, m, int(b), args.threads, args.runs, args.workdir)))
+        return
+    if args.int8:
+        int8_table(args)
         return
 
     from export_torchvision import export
@@ -230,6 +297,62 @@ def main() -> None:
     for model, prep in prep_rows:
         e = f"{cli[model]:.1f}" if model in cli else "-"
         lines.append(f"| {model} | {prep['s']:.2f} | {prep['rss_mb']:.0f} | {e} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+def int8_table(args: argparse.Namespace) -> None:
+    """(a) plain int8 model and (b) prepared int8 model, per model, form and batch, interleaved."""
+    from export_torchvision import export
+    from quantize_int8 import quantize
+
+    command = "python tools/bench.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.threads} intra-op threads, onnxruntime {_ort_version()}",
+        "",
+        f"ms per call: median over {args.rounds} fresh processes of the medians of (a) and (b) called in turn "
+        f"in one process (a, b, a, b, ..., at least {args.runs} pairs, as many as fit in 2 s, at most 400); "
+        "(b)/(a): median of the per-pair ratios [the processes' extremes]; peak RSS of the process holding "
+        "both sessions. int8 files: onnxruntime's quantize_static (MinMax on 8 random images) or "
+        "quantize_dynamic, default options. 1 + appended/original: onnxruntime's profiler on the prepared model "
+        "(10 calls), the kernel time of the appended nodes over that of the model's own: what (b)/(a) would be "
+        "without the machine's drift.",
+        "",
+        "| model | form | batch | (a) plain int8 | (b) prepared int8 | (b)/(a) | 1 + appended/original | RSS (a+b) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in args.models:
+        float_model = export(model, args.workdir)
+        for form in args.int8:
+            key = f"{model}.{form}"
+            plain = args.workdir / f"{key}.onnx"
+            if not plain.exists():
+                plain.write_bytes(quantize(float_model, form).read_bytes())
+            _prepare_in_subprocess(key, args.workdir)
+            for batch in args.batches:
+                worker_args = ["--worker", "ab", key, str(batch), "--threads", str(args.threads)]
+                res = [_spawn([*worker_args, "--runs", str(args.runs), "--workdir", str(args.workdir)])]
+                for _ in range(args.rounds - 1):
+                    res.append(_spawn([*worker_args, "--runs", str(args.runs), "--workdir", str(args.workdir)]))
+                a = statistics.median(r["a"] for r in res)
+                b = statistics.median(r["b"] for r in res)
+                ratio = statistics.median(r["ratio"] for r in res)
+                spread = f"{min(r['ratio'] for r in res):.3f}-{max(r['ratio'] for r in res):.3f}"
+                profiled = ["--worker", "p", key, str(batch), "--threads", str(args.threads), "--runs", "10"]
+                share = _spawn([*profiled, "--workdir", str(args.workdir)])["share"]
+                print(
+                    f"{key} b{batch}: {a:.1f} / {b:.1f} ms, ratio {ratio:.3f} ({spread}), appended {share:.3f}",
+                    file=sys.stderr,
+                )
+                lines.append(
+                    f"| {model} | {form} | {batch} | {a:.1f} | {b:.1f} | {ratio:.3f} [{spread}] | "
+                    f"{1 + share:.3f} | {max(r['rss_mb'] for r in res):.0f} |"
+                )
     table = "\n".join(lines)
     print(table)
     if args.out:

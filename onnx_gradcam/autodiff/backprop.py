@@ -13,7 +13,7 @@ import onnx
 
 from ..errors import OnnxGradCamError
 from .context import RuleContext
-from .registry import RULES, differentiable_inputs
+from .registry import differentiable_inputs, rule_for
 
 
 def forward_reachable(nodes: Sequence[onnx.NodeProto], sources: Iterable[str]) -> set[str]:
@@ -74,8 +74,8 @@ def backprop(
         dys = [_total(ctx, grads.get(o)) if o else None for o in node.output]
         if all(d is None for d in dys):
             continue
-        rule = RULES.get(node.op_type)
-        if rule is None or node.domain not in ("", "ai.onnx"):
+        rule = rule_for(node)
+        if rule is None:
             raise ctx.unsupported(node)
         wrt = [bool(i) and i in on_path for i in node.input]
         dxs = rule(ctx, node, dys, wrt)

@@ -19,6 +19,8 @@ from .builder import GraphBuilder, Shape
 RELU_MODES = ("standard", "guided")
 LOW_PRECISION = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
 
 class TensorInfo:
     """Static shapes, element types and prepare-time constants of a graph's tensors."""
@@ -31,6 +33,9 @@ class TensorInfo:
         self._lazy: dict[str, onnx.TensorProto] = {}  # converted on first use: weights stay protobuf
         self.folded: dict[str, list[int]] = {}  # integer values shape subgraphs compute
         self.stored: dict[str, int] = {}  # element types in the model where dtypes[] differs
+        # DequantizeLinear nodes, so that a dequantized constant weight is a float constant
+        self._dequantized: dict[str, onnx.NodeProto] = {}
+        self._unfoldable: set[str] = set()
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             self._add(vi)
         source = constants_from if constants_from is not None else graph
@@ -55,6 +60,8 @@ class TensorInfo:
                     else:
                         continue
                     self.constants[node.output[0]] = arr
+            elif node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+                self._dequantized[node.output[0]] = node
 
     def _add(self, vi: onnx.ValueInfoProto) -> None:
         t = vi.type.tensor_type
@@ -111,6 +118,13 @@ class TensorInfo:
             self.dtypes[name] = TensorProto.FLOAT
         return low
 
+    def grad_dtype(self, name: str) -> int:
+        """The element type of the gradient of `name`: its own for a float tensor; float32 for an
+        integer one (a quantized tensor's gradient is taken with respect to its integer value as
+        a real number, and its scales are float32)."""
+        dtype = self.dtype(name)
+        return dtype if dtype in FLOAT_TYPES else TensorProto.FLOAT
+
     def const(self, name: str) -> np.ndarray | None:
         if name == "":
             return None
@@ -121,7 +135,66 @@ class TensorInfo:
             value = self.const(source)
             if value is not None:
                 self.constants[name] = value.astype(helper.tensor_dtype_to_np_dtype(to))
+        if name not in self.constants and name in self._dequantized and name not in self._unfoldable:
+            folded = self._dequantize(self._dequantized[name])
+            if folded is None:
+                self._unfoldable.add(name)
+            else:
+                self.constants[name] = folded
         return self.constants.get(name)
+
+    def add_dequantized(self, node: onnx.NodeProto) -> str:
+        """Know `node` (a DequantizeLinear of constants, not emitted) as the constant it computes;
+        a rule that needs it as a tensor asks RuleContext.weight or gather_weight."""
+        out, x, scale = node.output[0], node.input[0], node.input[1]
+        self._dequantized[out] = node
+        if x in self.shapes:
+            self.shapes[out] = self.shapes[x]
+        self.dtypes[out] = self.dtype(scale)
+        return out
+
+    def dequantized_source(self, name: str) -> tuple[str, str, str, int] | None:
+        """(integer constant, scale, zero point, axis) when `name` is a DequantizeLinear of constants
+        per tensor or per axis (a QDQ model's weight), else None."""
+        node = self._dequantized.get(name)
+        if node is None or self.const(name) is None:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if int(attrs.get("block_size", 0)):
+            return None
+        zp = node.input[2] if len(node.input) > 2 else ""
+        return node.input[0], node.input[1], zp, int(attrs.get("axis", 1))
+
+    def _dequantize(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """y = (x - zero_point) * scale of constant inputs (per tensor, per axis or per block),
+        in the scale's float type: the float weight a QDQ model's Conv/Gemm/MatMul reads."""
+        x, scale = self.const(node.input[0]), self.const(node.input[1])
+        zp = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if x is None or scale is None:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        return dequantize(x, scale, zp, int(attrs.get("axis", 1)), int(attrs.get("block_size", 0)))
+
+
+def dequantize(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1, block_size: int = 0
+) -> np.ndarray:
+    """ONNX DequantizeLinear in NumPy: (x - zero_point) * scale, computed in float64 and returned
+    in the scale's type; a 1-D scale applies along `axis`, a blocked one per `block_size` run."""
+
+    def spread(v: np.ndarray) -> np.ndarray:
+        if v.ndim == 0 or v.size == 1 and x.ndim == 0:
+            return v.reshape(())
+        ax = axis + x.ndim if axis < 0 else axis
+        if block_size:
+            return np.repeat(v, block_size, axis=ax).take(range(x.shape[ax]), axis=ax)
+        shape = [1] * x.ndim
+        shape[ax] = v.size
+        return v.reshape(shape)
+
+    zp = np.zeros((), np.float64) if zero_point is None else spread(zero_point.astype(np.float64))
+    out = (x.astype(np.float64) - zp) * spread(scale.astype(np.float64))
+    return out.astype(scale.dtype)
 
 
 @dataclass(frozen=True)
@@ -154,9 +227,51 @@ class RuleContext:
     channel_sum: dict[str, str] = field(default_factory=dict)
     # gradients of a constant-weight product: dX -> how dX = alpha dY M was made (see LinearBack)
     linear_back: dict[str, LinearBack] = field(default_factory=dict)
+    # quantized tensors whose requantization clip the gradient passes unclipped: the score's own
+    # output quantizer (the explained logit is often the largest one calibration saw, i.e. qmax)
+    unclipped: set[str] = field(default_factory=set)
+    # gradients the DequantizeLinear rule made as dY * s: dX -> (dY, scale, axis), so that the
+    # QuantizeLinear before it with the same scale passes dY itself (a QDQ pair's s / s = 1)
+    rescaled: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    _float_weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.opset = self.b.opset
+
+    def weight(self, name: str) -> str:
+        """A constant weight as the gradient reads it: for a dequantized int8 constant (QDQ), one
+        float initializer folded at prepare time, since the model's DequantizeLinear would run on
+        every call and a folded weight can be prepacked; any other tensor as it is."""
+        if self.info.dequantized_source(name) is None:
+            return name
+        if name not in self._float_weights:
+            value = self.info.const(name)
+            assert value is not None
+            folded = self.b.const(value, "dequantized_weight")
+            self.info.constants[folded] = value
+            self.info.shapes[folded] = tuple(value.shape)
+            self.info.dtypes[folded] = self.info.grad_dtype(name)
+            self._float_weights[name] = folded
+        return self._float_weights[name]
+
+    def gather_weight(self, name: str, index: str, axis: int) -> str:
+        """Gather(weight, index, axis); of a dequantized int8 constant only the gathered rows are
+        dequantized (their scales gathered along with them where the scale is per row)."""
+        source = self.info.dequantized_source(name)
+        if source is None:
+            return self.b.op("Gather", [name, index], axis=axis)
+        q, scale, zero_point, qaxis = source
+        zp_value = self.info.const(zero_point) if zero_point else None
+        if zp_value is not None and not np.any(zp_value):
+            zero_point = ""  # symmetric int8 weights: a zero point of zeros is the default
+        rows = self.b.op("Gather", [q, index], axis=axis)
+        rank = self.info.rank(q) or 2
+        per_row = (self.info.rank(scale) or 0) == 1 and qaxis % rank == axis % rank
+        if per_row:
+            scale = self.b.op("Gather", [scale, index], axis=0)
+            zero_point = self.b.op("Gather", [zero_point, index], axis=0) if zero_point else ""
+        inputs = [rows, scale, zero_point] if zero_point else [rows, scale]
+        return self.b.op("DequantizeLinear", inputs, hint="dequantized_rows", axis=qaxis)
 
     def attrs(self, node: onnx.NodeProto) -> dict[str, Any]:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -165,7 +280,8 @@ class RuleContext:
         return UnsupportedOpError(node.op_type, node.name or node.output[0], self.opset, detail)
 
     def np_dtype(self, name: str) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(self.info.dtype(name)))
+        """The NumPy type of tensor `name`'s gradient (float32 for an integer tensor)."""
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.info.grad_dtype(name)))
 
     def scalar_like(self, name: str, value: float) -> str:
         """A scalar constant of the same element type as tensor `name`."""
@@ -185,7 +301,7 @@ class RuleContext:
         return self.b.shape_of(name)
 
     def zeros_like(self, name: str) -> str:
-        return self.b.zeros_like(name, self.info.dtype(name))
+        return self.b.zeros_like(name, self.info.grad_dtype(name))
 
     def static_shape(self, name: str, node: onnx.NodeProto) -> tuple[int, ...]:
         """A shape known at prepare time, or an error naming the node."""

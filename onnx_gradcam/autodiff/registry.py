@@ -18,6 +18,7 @@ from .rules import (
     linear,
     normalization,
     pooling,
+    quantization,
     reduction,
     resize,
     shape,
@@ -82,6 +83,23 @@ RULES: dict[str, Rule] = {
     "Gather": shape.gather,
     "Pad": shape.pad,
     "Resize": resize.resize,
+    # int8: quantizers (clipped straight-through), integer and QLinear ops (their float forms)
+    "QuantizeLinear": quantization.quantize_linear,
+    "DequantizeLinear": quantization.dequantize_linear,
+    "DynamicQuantizeLinear": quantization.dynamic_quantize_linear,
+    "ConvInteger": quantization.conv_integer,
+    "MatMulInteger": quantization.matmul_integer,
+    "QLinearConv": quantization.qlinear_conv,
+    "QLinearMatMul": quantization.qlinear_matmul,
+    "com.microsoft.QGemm": quantization.qgemm,
+    "com.microsoft.QLinearAdd": quantization.qlinear_add,
+    "com.microsoft.QLinearMul": quantization.qlinear_mul,
+    "com.microsoft.QLinearGlobalAveragePool": quantization.qlinear_global_average_pool,
+    "com.microsoft.QLinearAveragePool": quantization.qlinear_average_pool,
+    "com.microsoft.QLinearConcat": quantization.qlinear_concat,
+    "com.microsoft.QLinearSigmoid": quantization.qlinear_sigmoid,
+    "com.microsoft.QLinearLeakyRelu": quantization.qlinear_leaky_relu,
+    "com.microsoft.QLinearSoftmax": quantization.qlinear_softmax,
 }
 
 # Inputs that carry gradient, where not all of them do. Ops listed with () carry none:
@@ -136,12 +154,39 @@ _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {
     "Ceil": (),
     "Round": (),
     "Sign": (),
+    "QuantizeLinear": (0,),
+    "DequantizeLinear": (0,),
+    "DynamicQuantizeLinear": (0,),
+    "ConvInteger": (0,),
+    "MatMulInteger": (0, 1),
+    "QLinearConv": (0,),
+    "QLinearMatMul": (0, 3),
+    "com.microsoft.QGemm": (0,),
+    "com.microsoft.QLinearAdd": (0, 3),
+    "com.microsoft.QLinearMul": (0, 3),
+    "com.microsoft.QLinearGlobalAveragePool": (0,),
+    "com.microsoft.QLinearAveragePool": (0,),
+    "com.microsoft.QLinearSigmoid": (0,),
+    "com.microsoft.QLinearLeakyRelu": (0,),
+    "com.microsoft.QLinearSoftmax": (0,),
 }
+
+
+def rule_key(node: onnx.NodeProto) -> str:
+    """The table's key of a node: its op type, prefixed by its domain outside ai.onnx."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def rule_for(node: onnx.NodeProto) -> Rule | None:
+    return RULES.get(rule_key(node))
 
 
 def differentiable_inputs(node: onnx.NodeProto) -> tuple[int, ...]:
     """Indices of the node's inputs through which a gradient can flow."""
-    fixed = _DIFFERENTIABLE.get(node.op_type)
+    key = rule_key(node)
+    if key == "com.microsoft.QLinearConcat":  # (s_y, zp_y, then X_i, s_i, zp_i triples)
+        return tuple(range(2, len(node.input), 3))
+    fixed = _DIFFERENTIABLE.get(key)
     if fixed is not None:
         return fixed
     return tuple(range(len(node.input)))

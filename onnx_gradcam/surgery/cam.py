@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from ..autodiff.backprop import backprop
 from ..autodiff.builder import GraphBuilder
-from ..autodiff.context import RuleContext, TensorInfo
+from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
 from ..autodiff.rules.pooling import inverse_spatial_count
 from ..errors import BadInputError
 from .methods import METHODS
@@ -47,6 +47,8 @@ class CamSpec:
     guided: bool = False
     expose_gradient: bool = False
     target: str = "class"  # "class": one-hot of gradcam_class; "seed": the caller's gradcam_seed
+    # integer (QOperator) feature tensors -> (scale, zero point): the CAM reads their dequantization
+    dequantize: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -139,13 +141,19 @@ def append_cam(
     else:
         seed, target, score = target_input, "", seed_score(b, info, spec.reduction, target_input)
     grads = backprop(ctx, nodes, list(spec.features), {spec.reduction: seed})
+    dequantized = [
+        dequantized_feature(ctx, f, g, spec.dequantize[f]) if f in spec.dequantize else (f, g)
+        for f, g in zip(spec.features, grads)
+    ]
+    features = [f for f, _ in dequantized]  # the float tensors the maps are made of
+    grads = [g for _, g in dequantized]
     sizes = _map_sizes(b, image, image_shape, layout)
     spatial_static = [d for d in spatial if isinstance(d, int)]
 
     def maps_for(method: str, negate: bool) -> tuple[str, str, list[str], list[str]]:
         """(combined map, first layer's raw, per-layer maps, per-layer raws) for one method."""
         raws, maps = [], []
-        for feature, grad in zip(spec.features, grads):
+        for feature, grad in zip(features, grads):
             g = b.op("Neg", [grad]) if negate else grad
             rank = info.rank(feature)
             assert rank is not None
@@ -168,7 +176,7 @@ def append_cam(
         combined = maps[0] if len(maps) == 1 else normalise(b, b.op("Mean", maps), len(spatial) + 1)
         return combined, raws[0], maps, raws
 
-    first_raw_dims = [batch, *(info.shape(spec.features[0]) or ())[2:]]
+    first_raw_dims = [batch, *(info.shape(features[0]) or ())[2:]]
     map_dims = [batch, *spatial]
     fl = TensorProto.FLOAT
     first_map = ""
@@ -179,7 +187,7 @@ def append_cam(
             out.add(MAP, combined, fl, map_dims)
             out.add(RAW, raw, fl, first_raw_dims)
             if len(spec.features) > 1:
-                for j, (m, r, f) in enumerate(zip(layer_maps, layer_raws, spec.features)):
+                for j, (m, r, f) in enumerate(zip(layer_maps, layer_raws, features)):
                     out.add(f"{MAP}_layer{j}", m, fl, map_dims)
                     out.add(f"{RAW}_layer{j}", r, fl, [batch, *(info.shape(f) or ())[2:]])
         if len(spec.methods) > 1:
@@ -200,10 +208,28 @@ def append_cam(
         out.add(GUIDED_BACKPROP, gb, info.dtype(image), list(image_shape))
         out.add(GUIDED, weighted, info.dtype(image), list(image_shape))
     if spec.expose_gradient:
-        feat_shape = list(info.shape(spec.features[0]) or ())
-        out.add(FEATURES, b.value(spec.features[0]), info.dtype(spec.features[0]), feat_shape)
-        out.add(GRADIENT, grads[0], info.dtype(spec.features[0]), feat_shape)
+        feat_shape = list(info.shape(features[0]) or ())
+        out.add(FEATURES, b.value(features[0]), info.dtype(features[0]), feat_shape)
+        out.add(GRADIENT, grads[0], info.dtype(features[0]), feat_shape)
     return out
+
+
+def dequantized_feature(ctx: RuleContext, q: str, grad: str, params: tuple[str, str]) -> tuple[str, str]:
+    """(A, dS/dA) for an integer feature tensor q of a QOperator graph: A = (q - zp) s appended,
+    and dS/dA = dS/dq / s (the gradient reached q as the derivative by its integer value)."""
+    b, info = ctx.b, ctx.info
+    scale, zero_point = params
+    a = b.op("DequantizeLinear", [q, scale, zero_point], hint="features_dequantized")
+    info.shapes[a] = info.shapes.get(q, ())
+    info.dtypes[a] = info.dtype(scale) if info.dtype(scale) in FLOAT_TYPES else TensorProto.FLOAT
+    before = ctx.rescaled.get(grad)
+    if before is not None and before[1] == scale:
+        return a, before[0]  # the rule made dS/dq as dS/dA * s: dS/dA itself, exactly
+    da = b.op("Div", [grad, scale], hint="gradient_dequantized")
+    for known in (ctx.spatial_constant, ctx.channel_sum):  # cheap forms of the gradient carry over
+        if grad in known:
+            known[da] = b.op("Div", [known[grad], scale])
+    return a, da
 
 
 def _map_sizes(b: GraphBuilder, image: str, image_shape: Sequence[object], layout: str) -> str:

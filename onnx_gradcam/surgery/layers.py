@@ -10,6 +10,7 @@ import difflib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -31,6 +32,8 @@ class Candidate:
     shape: tuple[int | str | None, ...]
     dominates: bool
     default: bool = False
+    # an integer tensor of a QOperator graph: (scale, zero point) that dequantize it for the CAM
+    dequantize: tuple[str, str] | None = None
 
 
 def graph_inputs(graph: onnx.GraphProto) -> list[str]:
@@ -50,7 +53,64 @@ def image_input(graph: onnx.GraphProto, info: TensorInfo) -> str:
     )
 
 
-_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "QuantizeLinear", "DequantizeLinear")
+
+# where each quantized op reads its output's (scale, zero point)
+_OUTPUT_QPARAMS: dict[str, tuple[int, int]] = {
+    "QuantizeLinear": (1, 2),
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSoftmax": (3, 4),
+    "QLinearConcat": (0, 1),
+}
+# QOperator ops that are a linear float op followed by requantization
+_QLINEAR_FLOAT = {
+    "QLinearConv": "Conv",
+    "QLinearMatMul": "MatMul",
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "QLinearConcat": "Concat",
+}
+# ops that move quantized values without changing their scale
+_QUANT_KEEPING = {"MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Slice", "Split"}
+
+
+def quantization_params(graph: onnx.GraphProto) -> dict[str, tuple[str, str]]:
+    """Integer tensors of an int8 graph -> the (scale, zero point) that dequantize them: outputs of
+    QuantizeLinear and of QLinear* ops, and what MaxPool, Reshape and the like make of those."""
+    params: dict[str, tuple[str, str]] = {}
+    for node in graph.node:
+        where = _OUTPUT_QPARAMS.get(node.op_type)
+        if where is not None and len(node.input) > where[1] and node.input[where[0]]:
+            params[node.output[0]] = (node.input[where[0]], node.input[where[1]])
+        elif node.op_type in _QUANT_KEEPING and node.input and node.input[0] in params:
+            for out in node.output[: 1 if node.op_type == "MaxPool" else len(node.output)]:
+                params[out] = params[node.input[0]]
+    return params
+
+
+def _stand_ins(graph: onnx.GraphProto) -> set[str]:
+    """Tensors that another tensor stands for (QDQ): a float tensor read only by QuantizeLinear
+    (the DequantizeLinear after it gives the activation the network goes on with), and an integer
+    tensor read only by DequantizeLinear (its float form is that node's output)."""
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.op_type)
+    return {
+        t
+        for t, ops in consumers.items()
+        if ops and (all(op == "QuantizeLinear" for op in ops) or all(op == "DequantizeLinear" for op in ops))
+    }
 
 
 def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
@@ -72,6 +132,31 @@ def default_reduction(graph: onnx.GraphProto, info: TensorInfo) -> str:
             break
         logits = before
     return logits
+
+
+def score_quantizers(graph: onnx.GraphProto, reduction: str) -> set[str]:
+    """The integer tensor the score is dequantized from, if any (an int8 model's output
+    quantizer): its clip is not the network's, and the explained logit is often the largest
+    that calibration saw, which saturates; so the score's gradient passes it unclipped."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(reduction)
+    if node is not None and node.op_type == "DequantizeLinear":
+        return {node.input[0]}
+    return set()
+
+
+def dequantization(graph: onnx.GraphProto, info: TensorInfo, tensor: str) -> tuple[str, str] | None:
+    """(scale, zero point) of an integer feature tensor (QOperator), None for a float one; an
+    error for an integer tensor of unknown scale."""
+    if info.dtype(tensor) in _FLOAT_TYPES:
+        return None
+    params = quantization_params(graph).get(tensor)
+    if params is None:
+        raise LayerNotFoundError(
+            f"the tensor {tensor!r} is an integer tensor of unknown scale: to fix this, pick a float or "
+            "dequantizable one from `onnx-gradcam layers MODEL`"
+        )
+    return params
 
 
 def resolve(graph: onnx.GraphProto, name: str, what: str) -> str:
@@ -142,7 +227,9 @@ _LINEAR = {
 
 
 # a dense output's head: linear maps, plus the per-pixel output activation (probabilities)
-_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax"}
+# (a QDQ pair is the identity up to its clip: the tail runs through it, and a dequantized
+# activation is not a linear op's output, since the clip is where the quantizer put the ReLU)
+_TAIL = _LINEAR | {"Sigmoid", "Softmax", "LogSoftmax", "QuantizeLinear", "DequantizeLinear"} | set(_QLINEAR_FLOAT)
 
 
 def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str]) -> set[str]:
@@ -188,6 +275,28 @@ def _after_global_pooling(
     return set()
 
 
+def _activation_op(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], info: TensorInfo) -> str:
+    """The op that made a tensor's values, looking through a QDQ pair DQ(Q(t)) to t's producer and
+    reading a QLinear op as its float op — unless the output's range starts at zero (zero point at
+    qmin): that clip is the ReLU the quantizer removed or fused, so the result is an activation."""
+    quant = node
+    if node.op_type == "DequantizeLinear" and node.input[0] in producers:
+        quant = producers[node.input[0]]
+        if quant.op_type != "QuantizeLinear" or quant.input[0] not in producers:
+            return node.op_type
+        made_by = producers[quant.input[0]].op_type
+    elif node.op_type in _QLINEAR_FLOAT:
+        made_by = _QLINEAR_FLOAT[node.op_type]
+    else:
+        return node.op_type
+    where = _OUTPUT_QPARAMS[quant.op_type]
+    zp = info.const(quant.input[where[1]]) if len(quant.input) > where[1] and quant.input[where[1]] else None
+    qmin = 0 if zp is None or zp.dtype.kind == "u" else int(np.iinfo(zp.dtype).min)
+    if zp is None or np.all(zp == qmin):
+        return "QuantizeLinear"
+    return made_by
+
+
 def candidates(
     graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True
 ) -> list[Candidate]:
@@ -208,26 +317,32 @@ def candidates(
             "to fix this, choose another --reduction-layer"
         )
     pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
+    qparams = quantization_params(graph)
+    skip = _stand_ins(graph)
     found: list[tuple[str, onnx.NodeProto, tuple[int | str | None, ...]]] = []
     for node in nodes:
         for out in node.output:
-            if out not in fwd or out not in bwd or out == reduction or out in pooled:
+            if out not in fwd or out not in bwd or out == reduction or out in pooled or out in skip:
                 continue
             shape = info.shape(out)
-            if shape is None or len(shape) < 3 or info.dtype(out) not in _FLOAT_TYPES:
+            if shape is None or len(shape) < 3:
+                continue
+            if info.dtype(out) not in _FLOAT_TYPES and out not in qparams:
                 continue
             if _spatial_gt_one(shape):
                 found.append((out, node, shape))
     rshape = info.shape(reduction)
     tail = _linear_tail(nodes, reduction, fwd & bwd) if rshape is not None and len(rshape) >= 3 else set()
+    producers = {o: n for n in nodes for o in n.output}
     result: list[Candidate] = []
     default_set = False
     for out, node, shape in reversed(found):
         dom = _dominates(nodes, [source], out, reduction) if (all_dominators or not default_set) else False
-        eligible = out not in tail or node.op_type not in _LINEAR | {"Mul", "Div", "MatMul"}
+        eligible = out not in tail or _activation_op(node, producers, info) not in _LINEAR | {"Mul", "Div", "MatMul"}
         is_default = dom and eligible and not default_set
         default_set = default_set or is_default
-        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default))
+        quant = qparams.get(out) if info.dtype(out) not in _FLOAT_TYPES else None
+        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default, quant))
     return list(reversed(result))
 
 

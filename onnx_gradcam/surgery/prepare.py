@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .._version import __version__
 from ..autodiff.builder import GraphBuilder
-from ..autodiff.context import RuleContext, TensorInfo
+from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
 from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
 from .load import default_opset, min_ir_version, upgrade_opset
@@ -125,11 +125,19 @@ def prepare_model(
                 f"the feature tensor {feature!r} has shape {info.shape(feature)}: Grad-CAM needs a feature map "
                 "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
             )
+    if info.dtype(reduction) not in FLOAT_TYPES:
+        raise LayerNotFoundError(
+            f"the reduction tensor {reduction!r} is an integer (quantized) tensor: to fix this, name the float "
+            "tensor dequantized from it with --reduction-layer"
+        )
+    dequantize = {f: q for f in features if (q := layers.dequantization(graph, info, f)) is not None}
     image = layers.image_input(graph, info)
     image_shape = info.shape(image)
     assert image_shape is not None
     layout = cam.detect_layout(image_shape)
-    spec = cam.CamSpec(tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient, target)
+    spec = cam.CamSpec(
+        tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient, target, dequantize
+    )
     for feature in features:
         layers.check_differentiable(graph, feature, reduction)
 
@@ -148,7 +156,7 @@ def prepare_model(
     # through float32 Casts of its own anyway. The outputs are float32 either way (the contract).
     b.cast_on_read(low_precision, TensorProto.FLOAT)
     target_input = b.reserve(cam.CLASS_INPUT if target == "class" else cam.SEED_INPUT)
-    ctx = RuleContext(b, info)
+    ctx = RuleContext(b, info, unclipped=layers.score_quantizers(graph, reduction))
     try:
         outs = cam.append_cam(ctx, list(graph.node), image, layout, spec, target_input)
     except UnsupportedOpError as err:

@@ -28,7 +28,8 @@ def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
     large = [
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if _nbytes(t) > _SMALL
     ]
-    graph = helper.make_graph(list(g.node), g.name, [*g.input, *large], list(g.output), small)
+    nodes = [shape_stand_in(n) for n in g.node]
+    graph = helper.make_graph(nodes, g.name, [*g.input, *large], list(g.output), small)
     work = helper.make_model(graph, opset_imports=list(model.opset_import))
     work.ir_version = max(model.ir_version, 4)
     for vi in list(work.graph.input) + list(work.graph.output):
@@ -39,6 +40,40 @@ def _sanitised(model: onnx.ModelProto) -> onnx.ModelProto:
             elif not d.HasField("dim_value") and not d.dim_param:
                 d.dim_param = f"{vi.name}_dim{i}"
     return work
+
+
+# com.microsoft quantized ops (onnx cannot infer them) -> (standard op of the same output shape,
+# the inputs it reads); their outputs keep the integer type of the first input
+_MS_SHAPES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "QLinearAdd": ("Add", (0, 3)),
+    "QLinearMul": ("Mul", (0, 3)),
+    "QGemm": ("Gemm", (0, 3)),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", (0,)),
+    "QLinearAveragePool": ("AveragePool", (0,)),
+    "QLinearSigmoid": ("Identity", (0,)),
+    "QLinearLeakyRelu": ("Identity", (0,)),
+    "QLinearSoftmax": ("Identity", (0,)),
+}
+
+
+def shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A standard node whose output has the shape of this com.microsoft quantized op's (QOperator
+    models), so that onnx's shape inference goes on past it; other nodes as they are."""
+    if node.domain != "com.microsoft" or node.op_type not in _MS_SHAPES and node.op_type != "QLinearConcat":
+        return node
+    if node.op_type == "QLinearConcat":
+        op, inputs = "Concat", list(node.input[2::3])
+    else:
+        op, picks = _MS_SHAPES[node.op_type]
+        inputs = [node.input[i] for i in picks]
+    keep = {
+        "Gemm": ("transA", "transB"),
+        "AveragePool": ("kernel_shape", "strides", "pads", "auto_pad", "ceil_mode", "count_include_pad", "dilations"),
+        "Concat": ("axis",),
+    }.get(op, ())
+    stand_in = helper.make_node(op, inputs, list(node.output), name=node.name)
+    stand_in.attribute.extend(a for a in node.attribute if a.name in keep)
+    return stand_in
 
 
 def _nbytes(t: onnx.TensorProto) -> int:

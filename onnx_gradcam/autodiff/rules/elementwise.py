@@ -68,10 +68,13 @@ def identity(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], 
 
 
 def cast(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = cast(X):  dX = cast(dY) back to X's type."""
+    """Y = cast(X):  dX = cast(dY) back to X's type (float32 for an integer X, as dynamic
+    quantization's Cast of an int32 accumulator: its gradient is a real number)."""
     assert dys[0] is not None
     x = node.input[0]
-    return [ctx.b.op("Cast", [dys[0]], to=ctx.info.dtype(x))]
+    if ctx.info.grad_dtype(x) == ctx.info.grad_dtype(node.output[0]):
+        return [dys[0]]
+    return [ctx.b.op("Cast", [dys[0]], to=ctx.info.grad_dtype(x))]
 
 
 def pow_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:

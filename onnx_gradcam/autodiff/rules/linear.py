@@ -28,7 +28,7 @@ def _transposed_weight(ctx: RuleContext, name: str) -> str:
     value = ctx.info.const(name)
     if value is not None and value.nbytes <= 1 << 16:
         return ctx.const_like(name, np.swapaxes(value, -1, -2), "matmul_weight_t")
-    return _swap_last(ctx, name)
+    return _swap_last(ctx, ctx.weight(name))
 
 
 def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
@@ -46,15 +46,15 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         # dA' = alpha dY B'^T is itself a Gemm of dY and B with transB flipped: no weight copy;
         # for a one-hot dY (the explained class) it is alpha times one row of B'^T: a Gather
         if dy in ctx.one_hot and not ta and ctx.info.const(B) is not None:
-            row = b.op("Gather", [B, ctx.one_hot[dy]], axis=0 if tb else 1)
+            row = ctx.gather_weight(B, ctx.one_hot[dy], axis=0 if tb else 1)
             row = row if tb else b.transpose(row, [1, 0])
             da = row if alpha == 1.0 else b.op("Mul", [row, ctx.scalar_like(node.output[0], alpha)])
             ctx.linear_back[da] = LinearBack(ctx.one_hot[dy], B, rows_out=bool(tb), alpha=alpha, gather=True)
             out[0] = da
         elif ta:
-            out[0] = b.op("Gemm", [B, dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
+            out[0] = b.op("Gemm", [ctx.weight(B), dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
-            da = b.op("Gemm", [dy, B], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
+            da = b.op("Gemm", [dy, ctx.weight(B)], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
             if ctx.info.const(B) is not None:
                 ctx.linear_back[da] = LinearBack(dy, B, rows_out=bool(tb), alpha=alpha)
             out[0] = da
@@ -82,7 +82,7 @@ def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     da = db = None
     if wrt[0] and dy in ctx.one_hot and ra == 2 and rb == 2 and ctx.info.const(B) is not None:
         # one-hot dY: dA = dY B^T is the explained class's column of B
-        da = b.transpose(b.op("Gather", [B, ctx.one_hot[dy]], axis=1), [1, 0])
+        da = b.transpose(ctx.gather_weight(B, ctx.one_hot[dy], axis=1), [1, 0])
         ctx.linear_back[da] = LinearBack(ctx.one_hot[dy], B, rows_out=False, gather=True)
     elif wrt[0]:
         bt = _transposed_weight(ctx, B)
@@ -165,7 +165,7 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         begin = [0] * n if auto_pad == "VALID" else spatial_pads(a.get("pads"), n)[0]
         full = ctx.b.op(
             "ConvTranspose",
-            [dy, w],
+            [dy, ctx.weight(w)],
             group=group,
             kernel_shape=kernel,
             strides=strides,
@@ -177,7 +177,7 @@ def conv(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         begin = same_pads(auto_pad, xs[1:], kernel, strides, dilations)
     else:
         begin, _ = spatial_pads(a.get("pads"), n)
-    dx = conv_transpose_to(ctx, dy, w, group, kernel, strides, dilations, begin, xs[1:], ys[1:])
+    dx = conv_transpose_to(ctx, dy, ctx.weight(w), group, kernel, strides, dilations, begin, xs[1:], ys[1:])
     return [dx] + [None] * (len(node.input) - 1)
 
 
