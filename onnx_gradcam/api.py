@@ -53,6 +53,7 @@ def prepare(
     counterfactual: bool = False,
     guided: bool = False,
     target: str = "class",
+    layout: str | None = None,
     verify: bool = True,
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
@@ -82,6 +83,7 @@ def prepare(
         counterfactual=counterfactual,
         guided=guided,
         target=target,
+        layout=layout,
         inplace=True,  # the self-check runs the source from its file
     )
     data = serialise(prepared)  # once, for the self-check and the file (None over 2 GB)
@@ -102,6 +104,7 @@ def prepare_model(
     counterfactual: bool = False,
     guided: bool = False,
     target: str = "class",
+    layout: str | None = None,
     verify: bool = True,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """(prepared model, report) in memory; `model` is not modified. The options are prepare()'s.
@@ -120,6 +123,7 @@ def prepare_model(
         counterfactual=counterfactual,
         guided=guided,
         target=target,
+        layout=layout,
     )
     if verify:
         verify_prepared(model, prepared, report)

@@ -21,6 +21,7 @@ from .explain.overlay import COLORMAPS, guided_image, overlay
 from .explain.preprocess import RESAMPLE, parse_size
 from .explain.seeds import box_seed, output_seed, region_seed
 from .explain.signals import SIGNAL_SUFFIXES, load_signal, plot_signal
+from .surgery.layout import CHOICES as LAYOUT_CHOICES
 from .surgery.methods import METHODS
 from .surgery.prepare import PRESETS, Preprocess
 
@@ -103,6 +104,13 @@ def main() -> None:
     help="Also output the feature map and its gradient (gradcam_features, gradcam_gradient).",
 )
 @click.option(
+    "--layout",
+    type=click.Choice(list(LAYOUT_CHOICES)),
+    help="Layout of the feature tensor, where the graph does not tell it (`layers` shows '?'): nchw, nhwc, "
+    "tokens ([N, tokens, C], class tokens first, a grid of the image's aspect), sequence-first ([T, N, C], "
+    "T along the image's width). Default: found from the graph.",
+)
+@click.option(
     "--no-verify",
     is_flag=True,
     help="Skip the self-check (load the result in onnxruntime on the CPU and run a probe batch beside MODEL), "
@@ -121,6 +129,7 @@ def prepare_cmd(
     target: str,
     preprocess: str | None,
     expose_gradient: bool,
+    layout: str | None,
     no_verify: bool,
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
@@ -143,12 +152,13 @@ def prepare_cmd(
             counterfactual=counterfactual,
             guided=guided,
             target=target,
+            layout=layout,
             verify=not no_verify,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
     out = output or default_output(model)
-    click.echo(f"feature layer:   {', '.join(report.feature_tensors)}")
+    click.echo(f"feature layer:   {', '.join(report.feature_tensors)} ({report.feature_layout})")
     click.echo(f"reduction layer: {report.reduction_tensor}")
     click.echo(f"methods:         {', '.join(report.methods)}")
     click.echo(f"outputs:         {', '.join(report.outputs)}")
@@ -180,12 +190,12 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     rows = [c for c in found if c.dominates or show_all]
     click.echo(f"score: {reduction}")
     width = max([len(c.name) for c in rows] + [6])
-    click.echo(f"  {'tensor':<{width}}  {'op':<20} {'shape':<24} all paths")
+    click.echo(f"  {'tensor':<{width}}  {'op':<20} {'shape':<24} {'layout':<16} all paths")
     for c in rows:
         shape = "[" + ", ".join(str(d) if d is not None else "?" for d in c.shape) + "]"
         mark = "*" if c.default else " "
         op = f"{c.op_type}+DQ" if c.dequantize else c.op_type  # int8, dequantized for the CAM
-        click.echo(f"{mark} {c.name:<{width}}  {op:<20} {shape:<24} {'yes' if c.dominates else 'no'}")
+        click.echo(f"{mark} {c.name:<{width}}  {op:<20} {shape:<24} {c.layout:<16} {'yes' if c.dominates else 'no'}")
     if not show_all:
         hidden = len(found) - len(rows)
         if hidden:

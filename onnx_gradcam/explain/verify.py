@@ -196,7 +196,8 @@ def _contract_problem(
         want = None
     if want is not None and shape != want:
         return f"has shape {list(shape)}, not {list(want)} (batch {batch}, input {list(image)})"
-    if not shape or shape[0] != batch:
+    as_in_graph = name in (cam.FEATURES, cam.GRADIENT)  # the feature tensor in its own layout
+    if not as_in_graph and (not shape or shape[0] != batch):
         return f"has shape {list(shape)}: its first axis is not the batch ({batch})"
     if name.startswith(cam.RAW) and len(shape) != len(spatial) + 1:
         return f"has shape {list(shape)}, not [batch, {len(spatial)} feature-map axes] like the input's"

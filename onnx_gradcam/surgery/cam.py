@@ -21,6 +21,7 @@ from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
 from ..autodiff.rules.pooling import inverse_spatial_count
 from ..errors import BadInputError
+from .layout import Layout, to_canonical
 from .methods import METHODS
 
 CLASS_INPUT = "gradcam_class"
@@ -49,6 +50,8 @@ class CamSpec:
     target: str = "class"  # "class": one-hot of gradcam_class; "seed": the caller's gradcam_seed
     # integer (QOperator) feature tensors -> (scale, zero point): the CAM reads their dequantization
     dequantize: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # feature tensors not in [N, C, grid...] (channels-last, tokens, sequence-first) -> their layout
+    layouts: dict[str, Layout] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -74,13 +77,6 @@ def spatial_axes(shape: Sequence[object], layout: str) -> list[int]:
     """Spatial axes of the image input: [2..] for channels-first, [1..r-2] for channels-last."""
     rank = len(shape)
     return list(range(1, rank - 1)) if layout == "nhwc" else list(range(2, rank))
-
-
-def detect_layout(shape: Sequence[object]) -> str:
-    """'nchw' unless the last axis looks like channels (1, 3 or 4) and axis 1 does not."""
-    if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
-        return "nhwc"
-    return "nchw"
 
 
 def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str) -> tuple[str, str, str]:
@@ -145,7 +141,12 @@ def append_cam(
         dequantized_feature(ctx, f, g, spec.dequantize[f]) if f in spec.dequantize else (f, g)
         for f, g in zip(spec.features, grads)
     ]
-    features = [f for f, _ in dequantized]  # the float tensors the maps are made of
+    exposed = dequantized[0]  # the feature tensor and its gradient as the graph has them
+    dequantized = [
+        canonical_feature(ctx, f, g, spec.layouts[name]) if name in spec.layouts else (f, g)
+        for name, (f, g) in zip(spec.features, dequantized)
+    ]
+    features = [f for f, _ in dequantized]  # the float [N, C, grid...] tensors the maps are made of
     grads = [g for _, g in dequantized]
     sizes = _map_sizes(b, image, image_shape, layout)
     spatial_static = [d for d in spatial if isinstance(d, int)]
@@ -208,10 +209,26 @@ def append_cam(
         out.add(GUIDED_BACKPROP, gb, info.dtype(image), list(image_shape))
         out.add(GUIDED, weighted, info.dtype(image), list(image_shape))
     if spec.expose_gradient:
-        feat_shape = list(info.shape(features[0]) or ())
-        out.add(FEATURES, b.value(features[0]), info.dtype(features[0]), feat_shape)
-        out.add(GRADIENT, grads[0], info.dtype(features[0]), feat_shape)
+        feat_shape = list(info.shape(exposed[0]) or ())
+        out.add(FEATURES, b.value(exposed[0]), info.dtype(exposed[0]), feat_shape)
+        out.add(GRADIENT, exposed[1], info.dtype(exposed[0]), feat_shape)
     return out
+
+
+def canonical_feature(ctx: RuleContext, a: str, grad: str, layout: Layout) -> tuple[str, str]:
+    """(A, dS/dA) brought to [N, C, grid...] by the same slice, transpose and reshape (layout.py);
+    the cheap forms of the gradient some rules leave (its spatial mean) are for the original
+    axes, so the gradient itself is used."""
+    b, info = ctx.b, ctx.info
+    n, c = layout.shape[layout.roles.index("N")], layout.shape[layout.roles.index("C")]
+    shape = tuple(d if isinstance(d, (int, str)) else None for d in (n, c, *layout.grid_sizes))
+    pair = []
+    for x in (a, grad):
+        y = to_canonical(b, x, layout)
+        info.shapes[y] = shape
+        info.dtypes[y] = info.dtype(a)
+        pair.append(y)
+    return pair[0], pair[1]
 
 
 def dequantized_feature(ctx: RuleContext, q: str, grad: str, params: tuple[str, str]) -> tuple[str, str]:
@@ -255,9 +272,12 @@ def gradcam_weighted_sum(b: GraphBuilder, info: TensorInfo, a: str, g: str, rank
     if alpha is None:
         alpha = b.reduce("ReduceMean", g, list(range(2, rank)), keepdims=True)
     shape = info.shape(a) or ()
-    channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else -1
-    row = b.op("Reshape", [alpha, b.const(np.array([0, 1, channels], np.int64), "shape")])
-    flat = b.op("Reshape", [a, b.const(np.array([0, channels, -1], np.int64), "shape")])
+    row = b.op("Reshape", [alpha, b.const(np.array([0, 1, -1], np.int64), "shape")])
+    if len(shape) > 1 and isinstance(shape[1], int):
+        flat = b.op("Reshape", [a, b.const(np.array([0, shape[1], -1], np.int64), "shape")])
+    else:  # channels known only at run time: [N, C] from the tensor itself
+        minus_one = b.const(np.array([-1], np.int64), "minus_one")
+        flat = b.op("Reshape", [a, b.op("Concat", [b.shape_of(a, 0, 2), minus_one], axis=0)])
     summed = b.op("MatMul", [row, flat])  # [N, 1, HW]
     spatial = info.static_dims(a, 2)
     if spatial is not None:

@@ -18,6 +18,7 @@ from ..autodiff.backprop import backward_reachable, forward_reachable
 from ..autodiff.context import TensorInfo
 from ..autodiff.registry import differentiable_inputs
 from ..errors import LayerNotFoundError
+from . import layout as axes
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
@@ -34,6 +35,7 @@ class Candidate:
     default: bool = False
     # an integer tensor of a QOperator graph: (scale, zero point) that dequantize it for the CAM
     dequantize: tuple[str, str] | None = None
+    layout: str = "?"  # NCHW, NHWC, tokens 1+14x14, sequence-first; "?" when the graph does not tell
 
 
 def graph_inputs(graph: onnx.GraphProto) -> list[str]:
@@ -297,6 +299,20 @@ def _activation_op(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], i
     return made_by
 
 
+def feature_layouts(graph: onnx.GraphProto, info: TensorInfo) -> dict[str, axes.Layout]:
+    """The layout of every tensor whose axes the graph explains (see surgery/layout.py)."""
+    source = image_input(graph, info)
+    shape = info.shape(source) or ()
+    roles = axes.propagate(list(graph.node), info, source, axes.image_layout(shape))
+    spatial_rank = len(shape) - 2
+    found = {}
+    for name, r in roles.items():
+        lay = axes.layout_of(r, info.shape(name), spatial_rank)
+        if lay is not None:
+            found[name] = lay
+    return found
+
+
 def candidates(
     graph: onnx.GraphProto, info: TensorInfo, reduction: str, all_dominators: bool = True
 ) -> list[Candidate]:
@@ -304,7 +320,8 @@ def candidates(
 
     For dense outputs (a reduction tensor of rank >= 3: segmentation, detection maps), the
     linear classifier at the end (Conv, Resize, ...) is not a default: its output is the class
-    map itself; the default is the last activation before it.
+    map itself; the default is the last activation before it. A tensor whose layout the graph
+    does not tell is listed but never the default.
     """
     nodes = list(graph.node)
     source = image_input(graph, info)
@@ -316,6 +333,7 @@ def candidates(
             f"the reduction tensor {reduction!r} does not depend differentiably on the input {source!r}: "
             "to fix this, choose another --reduction-layer"
         )
+    layouts = feature_layouts(graph, info)
     pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
     qparams = quantization_params(graph)
     skip = _stand_ins(graph)
@@ -329,21 +347,114 @@ def candidates(
                 continue
             if info.dtype(out) not in _FLOAT_TYPES and out not in qparams:
                 continue
-            if _spatial_gt_one(shape):
+            lay = layouts.get(out)
+            size = lay.spatial_size() if lay is not None else None
+            if (lay is not None and (size is None or size > 1)) or (lay is None and _spatial_gt_one(shape)):
                 found.append((out, node, shape))
     rshape = info.shape(reduction)
     tail = _linear_tail(nodes, reduction, fwd & bwd) if rshape is not None and len(rshape) >= 3 else set()
     producers = {o: n for n in nodes for o in n.output}
+    chosen = _class_token_default(nodes, info, layouts, [f[0] for f in found], fwd & bwd, fwd)
     result: list[Candidate] = []
-    default_set = False
+    default_set = chosen is not None
     for out, node, shape in reversed(found):
         dom = _dominates(nodes, [source], out, reduction) if (all_dominators or not default_set) else False
         eligible = out not in tail or _activation_op(node, producers, info) not in _LINEAR | {"Mul", "Div", "MatMul"}
-        is_default = dom and eligible and not default_set
+        eligible = eligible and out in layouts
+        is_default = out == chosen if chosen is not None else dom and eligible and not default_set
         default_set = default_set or is_default
         quant = qparams.get(out) if info.dtype(out) not in _FLOAT_TYPES else None
-        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default, quant))
+        label = layouts[out].label if out in layouts else "?"
+        result.append(Candidate(out, node.op_type, node.name, shape, dom, is_default, quant, label))
     return list(reversed(result))
+
+
+_NORMALISATIONS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization"}
+
+
+def _class_token_default(
+    nodes: list[onnx.NodeProto],
+    info: TensorInfo,
+    layouts: dict[str, axes.Layout],
+    found: list[str],
+    on_path: set[str],
+    dynamic: set[str],
+) -> str | None:
+    """For a model that predicts from its class (or distillation) tokens alone, the default layer.
+
+    After the last op that mixes tokens (attention: a MatMul of two activations), every token
+    goes its own way to the head, so the score's gradient is zero on all patch tokens of every
+    later tensor: Grad-CAM there is an empty map. The default is then the normalised input of
+    that last mixer (ViT/DeiT: the last block's norm1, the layer pytorch-grad-cam's tutorials
+    pick), or, without a normalisation op, the deepest token tensor before it. None for models
+    that pool their tokens (Swin, LeViT) or have no tokens: their deepest map carries gradient
+    everywhere.
+    """
+    if not _reads_class_tokens_only(nodes, info, layouts, on_path):
+        return None
+    mixers = [
+        n
+        for n in nodes
+        if n.op_type in ("MatMul", "Einsum") and n.output[0] in on_path and sum(i in dynamic for i in n.input) >= 2
+    ]
+    if not mixers:
+        return None
+    before = backward_plain(nodes, mixers[-1].output[0])
+    grids = [t for t in found if t in before and t in layouts and "tokens" in layouts[t].label]
+    norms = _normalised(nodes, dynamic)
+    normalised = [t for t in grids if t in norms]
+    pool = normalised or grids
+    return pool[-1] if pool else None
+
+
+def _normalised(nodes: list[onnx.NodeProto], dynamic: set[str]) -> set[str]:
+    """Outputs of layer normalisations: the op itself, or as opsets before 17 spell it out,
+    (x - mean) / Sqrt(var + eps), then at most a Mul by a weight and an Add of a bias."""
+    producers = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    found = {n.output[0] for n in nodes if n.op_type in _NORMALISATIONS}
+    for node in nodes:
+        root = producers.get(node.input[1]) if node.op_type == "Div" and len(node.input) > 1 else None
+        if root is None or root.op_type != "Sqrt":
+            continue
+        out = node.output[0]
+        for op in ("Mul", "Add"):
+            after = consumers.get(out, [])
+            if len(after) == 1 and after[0].op_type == op and sum(i in dynamic for i in after[0].input) == 1:
+                out = after[0].output[0]
+        found.add(out)
+    return found
+
+
+def _reads_class_tokens_only(
+    nodes: list[onnx.NodeProto], info: TensorInfo, layouts: dict[str, axes.Layout], on_path: set[str]
+) -> bool:
+    """True if the score reads a token axis with extra tokens only by selecting some of them
+    (Gather or Slice of the class tokens), never by pooling over the tokens."""
+    selects = pools = 0
+    for node in nodes:
+        if not node.input or node.input[0] not in on_path or node.input[0] not in layouts:
+            continue
+        roles = layouts[node.input[0]].roles
+        token_axis = next((a for a, r in enumerate(roles) if axes.parse_tokens(r)), None)
+        if token_axis is None:
+            continue
+        extra = axes.parse_tokens(roles[token_axis])[0]  # type: ignore[index]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gather" and int(attrs.get("axis", 0)) % len(roles) == token_axis:
+            indices = info.const(node.input[1])
+            if indices is not None and extra and bool(np.all((indices >= 0) & (indices < extra))):
+                selects += 1
+        elif node.op_type == "Slice" and node.output[0] not in layouts and extra:
+            selects += 1  # layout.py keeps the grid of any slice but one of the class tokens
+        elif node.op_type in ("ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool"):
+            rank = len(roles)
+            reduced = axes.reduce_axes(node, info, rank) if node.op_type != "GlobalAveragePool" else set(range(2, rank))
+            pools += token_axis in (reduced or set())
+    return selects > 0 and pools == 0
 
 
 def default_feature(graph: onnx.GraphProto, info: TensorInfo, reduction: str) -> str:

@@ -18,6 +18,7 @@ from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
 from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
+from . import layout as axes
 from .load import default_opset, min_ir_version, upgrade_opset
 from .shapes import folded_constants, infer_all
 
@@ -62,6 +63,7 @@ class PrepareReport:
     feature_tensors: tuple[str, ...] = ()
     methods: tuple[str, ...] = ("gradcam",)
     outputs: tuple[str, ...] = ()
+    feature_layout: str = "NCHW"
 
 
 def prepare_model(
@@ -76,6 +78,7 @@ def prepare_model(
     guided: bool = False,
     target: str = "class",
     inplace: bool = False,
+    layout: str | None = None,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
@@ -84,7 +87,9 @@ def prepare_model(
     of the negated gradient; `guided` adds Guided Backprop and Guided Grad-CAM. `target="seed"`
     replaces the class input by `gradcam_seed`, dL/d(reduction tensor) given by the caller, for
     segmentation, regression, detection or any other differentiable output. `inplace=True`
-    lets prepare extend `model` itself instead of a copy (for callers that own it).
+    lets prepare extend `model` itself instead of a copy (for callers that own it). `layout`
+    (nchw, nhwc, tokens, sequence-first) states the feature tensors' layout where the graph does
+    not tell it; otherwise it is found from the graph (surgery/layout.py).
     """
     original_ir = model.ir_version
     work = upgrade_opset(model)
@@ -134,9 +139,18 @@ def prepare_model(
     image = layers.image_input(graph, info)
     image_shape = info.shape(image)
     assert image_shape is not None
-    layout = cam.detect_layout(image_shape)
+    input_layout = axes.image_layout(image_shape)
+    layouts = _feature_layouts(graph, info, features, layout, image_shape, input_layout)
     spec = cam.CamSpec(
-        tuple(features), reduction, tuple(methods), counterfactual, guided, expose_gradient, target, dequantize
+        tuple(features),
+        reduction,
+        tuple(methods),
+        counterfactual,
+        guided,
+        expose_gradient,
+        target,
+        dequantize,
+        {f: lay for f, lay in layouts.items() if not lay.is_identity},
     )
     for feature in features:
         layers.check_differentiable(graph, feature, reduction)
@@ -158,7 +172,7 @@ def prepare_model(
     target_input = b.reserve(cam.CLASS_INPUT if target == "class" else cam.SEED_INPUT)
     ctx = RuleContext(b, info, unclipped=layers.score_quantizers(graph, reduction))
     try:
-        outs = cam.append_cam(ctx, list(graph.node), image, layout, spec, target_input)
+        outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, target_input)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
         raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
@@ -196,7 +210,9 @@ def prepare_model(
         "source_sha256": source_sha256,
         "version": __version__,
         "input": image,
-        "input_layout": layout,
+        "input_layout": input_layout,
+        "feature_layout": layouts[features[0]].label,
+        "feature_layouts": json.dumps([layouts[f].label for f in features]),
         "methods": json.dumps(list(spec.methods)),
         "feature_tensors": json.dumps(features),
         "counterfactual": json.dumps(counterfactual),
@@ -215,14 +231,50 @@ def prepare_model(
         features[0],
         reduction,
         image,
-        layout,
+        input_layout,
         spec.methods[0],
         {META_PREFIX + k: v for k, v in meta.items()},
         tuple(features),
         tuple(spec.methods),
         tuple(outs.tensors),
+        layouts[features[0]].label,
     )
     return work, report
+
+
+def _feature_layouts(
+    graph: onnx.GraphProto,
+    info: TensorInfo,
+    features: Sequence[str],
+    given: str | None,
+    image_shape: Sequence[object],
+    input_layout: str,
+) -> dict[str, axes.Layout]:
+    """Each feature tensor's layout: the one the user gave, else the graph's; an error for a
+    tensor whose layout neither tells (a guess could be a wrong map)."""
+    found = layers.feature_layouts(graph, info)
+    spatial_rank = len(image_shape) - 2
+    image_spatial = [image_shape[i] for i in cam.spatial_axes(image_shape, input_layout)]
+    result = {}
+    for f in features:
+        shape = info.shape(f) or ()
+        if given is not None:
+            result[f] = axes.given_layout(given, shape, spatial_rank, image_spatial)
+        elif f in found:
+            result[f] = found[f]
+        else:
+            raise LayerNotFoundError(
+                f"cannot tell the layout of the feature tensor {f!r} (shape {list(shape)}) from the graph: to fix "
+                f"this, give it with --layout ({', '.join(axes.CHOICES)}), or pick a tensor whose layout "
+                "`onnx-gradcam layers MODEL` shows"
+            )
+        if result[f].spatial_size() == 1:
+            raise LayerNotFoundError(
+                f"the feature tensor {f!r} (shape {list(shape)}, {result[f].label}) has a single position, as after "
+                "global pooling: Grad-CAM needs a spatial map; to fix this, pick an earlier tensor from "
+                "`onnx-gradcam layers MODEL`"
+            )
+    return result
 
 
 def _rename(nodes: list[onnx.NodeProto], names: dict[str, str]) -> None:
