@@ -163,6 +163,10 @@ def _node_roles(
         weight = node.input[3 if op == "QLinearMatMul" else 1]
         if weight not in dynamic and oshape is not None and len(oshape) == len(x):
             return {out: (*x[:-1], CHANNELS)}  # x W: a linear map of the last axis
+        y = roles.get(weight)
+        if op == "MatMul" and y is not None and len(y) == len(x) >= 2 and x[:-2] == y[:-2]:
+            # two activations (attention: Q K^T, then weights times V): A's rows, B's columns
+            return {out: (*x[:-2], x[-2], y[-1])}
         return {}
     if op in ("Gemm", "QGemm"):
         return {out: (BATCH, CHANNELS)} if x and x[0] == BATCH else {}
@@ -247,21 +251,39 @@ def reshaped(x: Roles, before: Sequence[Any] | None, after: Sequence[Any] | None
     out: list[str] = [ONE] * len(dst_dims)
     if not src and not dims:
         return tuple(out)
-    # symbolic sizes (the batch) pair up one to one: the same name, or the leading axis on both
-    # sides when the static sizes after it multiply to the same number
+    # symbolic sizes (the batch) pair up one to one when the static sizes after them agree; else
+    # static axes were folded into the batch (LeViT's BatchNorm over [N·T, C]) or unfolded from it
     i = j = 0
     mapped: list[str] = []
     while i < len(src) and j < len(dims):
         pi, pj = src[i][0], dims[j]
         if not isinstance(pi, int) or not isinstance(pj, int):
-            rest = _static_product([d for d, _ in src[i + 1 :]])
             if isinstance(pi, int) or isinstance(pj, int):
                 return None
-            if pi != pj and (i, j) != (0, 0) or pi != pj and (rest is None or rest != _static_product(dims[j + 1 :])):
+            rest_src = _static_product([d for d, _ in src[i + 1 :]])
+            rest_dst = _static_product(dims[j + 1 :])
+            if pi == pj or (rest_src is not None and rest_src == rest_dst):
+                mapped.append(src[i][1])
+                i, j = i + 1, j + 1
+            elif rest_src is None or rest_dst is None:
                 return None
-            mapped.append(src[i][1])
-            i += 1
-            j += 1
+            elif rest_src > rest_dst:
+                k, merged = i + 1, 1
+                while k < len(src) and merged * rest_dst < rest_src:
+                    merged *= int(src[k][0])
+                    k += 1
+                if merged * rest_dst != rest_src:
+                    return None
+                mapped.append(_folded(src[i][1], src[i + 1 : k]))
+                i, j = k, j + 1
+            else:
+                parts = _unfolded(src[i][1])
+                sizes = [size for _, size in parts]
+                if not parts or list(dims[j + 1 : j + 1 + len(sizes)]) != sizes:
+                    return None
+                mapped.append(_base(src[i][1]))
+                mapped.extend(r for r, _ in parts)
+                i, j = i + 1, j + 1 + len(sizes)
             continue
         gi, gj = [src[i]], [pj]
         while pi != pj:
@@ -287,6 +309,20 @@ def reshaped(x: Roles, before: Sequence[Any] | None, after: Sequence[Any] | None
     return tuple(out)
 
 
+def _folded(role: str, parts: Sequence[tuple[Any, str]]) -> str:
+    """A symbolic axis with static axes folded into it, e.g. the batch times the tokens."""
+    return "*".join([role, *(f"{r}@{d}" for d, r in parts)])
+
+
+def _base(role: str) -> str:
+    return role.split("*")[0]
+
+
+def _unfolded(role: str) -> list[tuple[str, int]]:
+    """The (role, size) of the axes folded into `role`; empty if none were."""
+    return [(r, int(d)) for r, d in (p.rsplit("@", 1) for p in role.split("*")[1:])]
+
+
 def _static_product(dims: Sequence[Any]) -> int | None:
     return math.prod(int(d) for d in dims) if all(isinstance(d, int) for d in dims) else None
 
@@ -297,6 +333,8 @@ def _regroup(src_roles: list[str], src_sizes: list[int], dst_sizes: list[int]) -
     if len(dst_sizes) == 1:  # a merge
         if src_roles == [grid(i) for i in range(len(src_roles))]:  # the whole grid, row-major: tokens
             return [tokens(0, src_sizes)]
+        if all(r.startswith(CHANNELS + ":") for r in src_roles):  # attention heads merged back
+            return [CHANNELS]
         if src_roles[0] in (CHANNELS, DIRECTIONS) and all(is_grid(r) or r == CHANNELS for r in src_roles[1:]):
             # channels with grid axes folded in (a CRNN's [C, H] as features of each column), or a
             # recurrent output's directions with its channels: channels
@@ -306,6 +344,8 @@ def _regroup(src_roles: list[str], src_sizes: list[int], dst_sizes: list[int]) -
         parsed = parse_tokens(src_roles[0])
         if parsed is not None and parsed[0] == 0 and tuple(dst_sizes) == parsed[1]:
             return [grid(i) for i in range(len(dst_sizes))]
+        if src_roles[0] == CHANNELS:  # channels split into (q/k/v,) heads and head channels
+            return [f"{CHANNELS}:{k}" for k in range(len(dst_sizes))]
     return [UNKNOWN] * len(dst_sizes)
 
 
@@ -358,25 +398,23 @@ def _sliced(node: onnx.NodeProto, info: TensorInfo, x: Roles) -> Roles | None:
             return None
         starts_l, ends_l = starts.tolist(), ends.tolist()
         axes_l = axes.tolist() if axes is not None else list(range(len(starts_l)))
-        if steps is not None and any(s != 1 for s in steps.tolist()):
-            return None
+        steps_l = steps.tolist() if steps is not None else [1] * len(starts_l)
     else:
-        starts_l, ends_l = list(_attr(node, "starts", [])), list(_attr(node, "ends", []))  # type: ignore[call-overload]
-        axes_l = list(_attr(node, "axes", list(range(len(starts_l)))))  # type: ignore[call-overload]
+        starts_l, ends_l = list(_attr(node, "starts", [])), list(_attr(node, "ends", []))
+        axes_l = list(_attr(node, "axes", list(range(len(starts_l)))))
+        steps_l = [1] * len(starts_l)
     out = list(x)
-    for a, s, e in zip(axes_l, starts_l, ends_l):
+    for a, s, e, step in zip(axes_l, starts_l, ends_l, steps_l):
         a = int(a) % len(x)
         size = shape[a]
-        full = s == 0 and (e >= 2**31 - 1 or (isinstance(size, int) and e >= size))
-        if full:
-            continue
+        to_end = e >= 2**31 - 1 or (isinstance(size, int) and e >= size)
         parsed = parse_tokens(x[a])
-        if parsed is not None and isinstance(size, int) and 0 < s <= parsed[0] and (e >= size or e >= 2**31 - 1):
+        if s == 0 and to_end and (step == 1 or is_grid(x[a])):
+            continue  # the whole axis (a grid subsampled by a stride, as LeViT's attention downsampling)
+        if parsed is not None and step == 1 and 0 < s <= parsed[0] and to_end:
             out[a] = tokens(parsed[0] - s, parsed[1])  # dropping class tokens
-        elif parsed is not None and e <= parsed[0]:
-            out[a] = UNKNOWN  # the class tokens alone: no grid
         elif x[a] != CHANNELS:
-            out[a] = UNKNOWN
+            out[a] = UNKNOWN  # a crop, or the class tokens alone: no grid
     return tuple(out)
 
 
