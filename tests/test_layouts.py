@@ -183,6 +183,10 @@ def test_sequence_first_lstm_output_gives_a_map_over_the_sequence(tmp_path: Path
     ref = well_conditioned(canonical_raw(head, lambda a: a.transpose(1, 2, 0)[:, :, None, :]), x, EXACT, "crnn")
     assert per_sample_error(np.moveaxis(got["gradcam_gradient"], 1, 0), np.moveaxis(ref["g"], 1, 0)) < EXACT
     assert per_sample_error(got["gradcam_raw"], ref["raw"]) < EXACT
+    # --layout sequence-first on the same tensor: the same map
+    stated = tmp_path / "stated.gradcam.onnx"
+    prepare(src, stated, feature_layer=report.feature_tensor, layout="sequence-first")
+    assert np.array_equal(run_prepared(stated, x, classes)["gradcam_raw"], got["gradcam_raw"])
     # the map is constant along the height: the sequence has none
     assert np.allclose(got["gradcam_map"], got["gradcam_map"][:, :1, :], atol=1e-6)
 
@@ -210,6 +214,10 @@ def test_class_token_vit_defaults_to_the_last_blocks_norm1_and_matches_torch(tmp
         lambda a: a[:, 1:].reshape(len(a), 4, 4, -1).transpose(0, 3, 1, 2),
         "vit",
     )
+    # --layout tokens on the same tensor finds the same grid (1 class token, 4x4 of the 32x32 image)
+    stated = tmp_path / "stated.gradcam.onnx"
+    assert prepare(src, stated, feature_layer=report.feature_tensor, layout="tokens").feature_layout == "tokens 1+4x4"
+    assert np.array_equal(run_prepared(stated, x, classes)["gradcam_raw"], got["gradcam_raw"])
     # the last block's output carries gradient only on the class token: its map would be empty
     late = tmp_path / "late.gradcam.onnx"
     last = [n.output[0] for n in onnx.load(str(src)).graph.node if n.name.startswith("/blocks/")][-1]
