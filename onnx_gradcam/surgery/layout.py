@@ -178,7 +178,7 @@ def _node_roles(
         return {out: tuple(ONE if a in axes else r for a, r in enumerate(x)) if keep else
                 tuple(r for a, r in enumerate(x) if a not in axes)}  # fmt: skip
     if op == "Gather":
-        indices = info.const(node.input[1])
+        indices = _ints(info, node.input[1])
         axis = _attr(node, "axis", 0) % len(x)
         if indices is None:
             return {}
@@ -204,6 +204,14 @@ def _node_roles(
     return {}
 
 
+def _ints(info: TensorInfo, name: str) -> np.ndarray | None:
+    """An integer input's value at prepare time: a constant, or what a shape subgraph computes."""
+    value = info.const(name)
+    if value is None and name in info.folded:
+        value = np.array(info.folded[name], np.int64)
+    return value
+
+
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -214,7 +222,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 def reduce_axes(node: onnx.NodeProto, info: TensorInfo, rank: int) -> set[int] | None:
     axes = _attr(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
-        value = info.const(node.input[1])
+        value = _ints(info, node.input[1])
         if value is None:
             return None
         axes = value.tolist()
@@ -391,11 +399,16 @@ def _sliced(node: onnx.NodeProto, info: TensorInfo, x: Roles) -> Roles | None:
     if shape is None:
         return None
     if len(node.input) > 1:
-        starts, ends = info.const(node.input[1]), info.const(node.input[2])
-        axes = info.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-        steps = info.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-        if starts is None or ends is None:
-            return None
+        starts, ends = _ints(info, node.input[1]), _ints(info, node.input[2])
+        axes = _ints(info, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        steps = _ints(info, node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if starts is None or ends is None:  # bounds of run-time value (torch's chunk): by the shapes
+            after = info.shape(node.output[0])
+            if after is None or len(after) != len(x):
+                return None
+            symbolic = [not isinstance(d, int) and not isinstance(e, int) for d, e in zip(shape, after)]
+            return tuple(r if d == e or r == CHANNELS or (r == BATCH and both) else UNKNOWN
+                         for r, d, e, both in zip(x, shape, after, symbolic))  # fmt: skip
         starts_l, ends_l = starts.tolist(), ends.tolist()
         axes_l = axes.tolist() if axes is not None else list(range(len(starts_l)))
         steps_l = steps.tolist() if steps is not None else [1] * len(starts_l)
