@@ -59,7 +59,7 @@ def _resolve(net, scopes: list[str]) -> list[ModuleCall]:  # type: ignore[no-unt
         if comp.startswith(path + ".") or (path == "" and _has(net, comp)):  # dynamo: the full path
             full, call = comp, 0
         elif prev and comp.startswith(prev + "."):  # numbered child: '<parent scope>.<index>'
-            full, call = f"{path}.{comp[len(prev) + 1:]}", 0
+            full, call = f"{path}.{comp[len(prev) + 1 :]}", 0
         else:
             full, call = (f"{path}.{comp}" if path else comp), 0
         if not _has(net, full):
@@ -79,21 +79,31 @@ def _has(net, path: str) -> bool:  # type: ignore[no-untyped-def]
         return False
 
 
-def module_of(model: onnx.ModelProto, tensor: str, net) -> ModuleCall | None:  # type: ignore[no-untyped-def]
-    """The deepest module call whose output `tensor` is (the last node of its scope), else None."""
+def module_calls(model: onnx.ModelProto, tensor: str, net) -> list[ModuleCall]:  # type: ignore[no-untyped-def]
+    """The module calls whose output `tensor` is (the last node of their scope), deepest first.
+
+    A shallower one can be the right one: the TorchScript exporter folds BatchNorm into the Conv
+    before it, so that Conv's output (scope 'conv') is the enclosing ConvNormAct's output."""
     nodes = list(model.graph.node)
     at = next((i for i, n in enumerate(nodes) if tensor in n.output), None)
     if at is None:
-        return None
+        return []
     scopes = _node_scopes(nodes[at])
     if not scopes:
-        return None
+        return []
     calls = _resolve(net, scopes)
+    found = []
     for depth in range(len(scopes), 0, -1):
         inside = [n for n in nodes if (_node_scopes(n) or [])[:depth] == scopes[:depth]]
         if inside and tensor in inside[-1].output and _has(net, calls[depth - 1].path):
-            return calls[depth - 1]
-    return None
+            found.append(calls[depth - 1])
+    return found
+
+
+def module_of(model: onnx.ModelProto, tensor: str, net) -> ModuleCall | None:  # type: ignore[no-untyped-def]
+    """The deepest module call whose output `tensor` is, else None."""
+    calls = module_calls(model, tensor, net)
+    return calls[0] if calls else None
 
 
 def tensor_of(model: onnx.ModelProto, module: str) -> str:
