@@ -366,6 +366,26 @@ CASES: dict[str, list[Case]] = {
         Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),
         Case("repeated_indices", [x_(rnd(2, 4)), c_("i", i64(0, 3, 3, -4))], attrs={"axis": 1}),
         Case("index_matrix", [x_(rnd(5, 2)), c_("i", np.array([[0, 1], [4, 4]], np.int64))], attrs={"axis": 0}),
+        # the gathered axis of run-time size (coat_lite's class token): a one-hot built at run time
+        Case(
+            "class_token_dynamic",
+            [x_(rnd(2, 5, 3)), c_("i", np.array(0, np.int64))],
+            attrs={"axis": 1},
+            symbolic=(0, 1),
+        ),
+        Case(
+            "negative_repeated_dynamic",
+            [x_(rnd(2, 4, 3).astype(F32)), c_("i", i64(-1, 2, 2, -4))],
+            attrs={"axis": 1},
+            dtype=F32,
+            symbolic=(1,),
+        ),
+        Case(
+            "index_matrix_dynamic_last_axis",
+            [x_(rnd(2, 5)), c_("i", np.array([[0, -1], [3, 3]], np.int64))],
+            attrs={"axis": -1},
+            symbolic=(0, 1),
+        ),
     ],
     "Pad": [
         Case("constant", [x_(rnd(2, 3, 4)), c_("pads", i64(0, 1, 2, 0, 0, 1))], dtype=F32),

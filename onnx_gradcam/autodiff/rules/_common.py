@@ -80,12 +80,17 @@ def contract_axis(ctx: RuleContext, g: str, matrix: np.ndarray, axis: int, rank:
     The transposed-linear-map gradient of any op that mixes one axis linearly with constant
     weights (gather, strided slice, resize): the matrix is built at prepare time.
     """
+    if axis == rank - 2:
+        return ctx.b.op("MatMul", [ctx.const_like(like, matrix.T, "axis_matrix"), g])
+    return contract_axis_with(ctx, g, ctx.const_like(like, matrix, "axis_matrix"), axis, rank)
+
+
+def contract_axis_with(ctx: RuleContext, g: str, matrix: str, axis: int, rank: int) -> str:
+    """`contract_axis` with a matrix tensor [out, in] (one computed at run time)."""
     b = ctx.b
     if axis == rank - 1:
-        return b.op("MatMul", [g, ctx.const_like(like, matrix, "axis_matrix")])
-    if axis == rank - 2:
-        return b.op("MatMul", [ctx.const_like(like, matrix.T, "axis_matrix"), g])
+        return b.op("MatMul", [g, matrix])
     perm = [i for i in range(rank) if i != axis] + [axis]
     moved = b.transpose(g, perm)
-    spread = b.op("MatMul", [moved, ctx.const_like(like, matrix, "axis_matrix")])
+    spread = b.op("MatMul", [moved, matrix])
     return b.transpose(spread, [int(i) for i in np.argsort(perm)])

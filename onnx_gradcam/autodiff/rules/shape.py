@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..context import RuleContext
-from ._common import contract_axis, norm_axis
+from ._common import contract_axis, contract_axis_with, norm_axis
 
 Grads = list[str | None]
 
@@ -167,20 +167,19 @@ def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axi
 
 def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = take(X, idx, axis), idx constant:  dX = dY contracted with one-hot(idx) along axis
-    (repeated indices add up)."""
+    (repeated indices add up). The one-hot matrix is a constant where X's size along axis is
+    known, else built at run time: onehot[k, j] = (idx[k] mod size == j), j = 0..size-1."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
     rank = ctx.info.rank(x)
-    idx = ctx.const_input(node, 1)
-    if rank is None or idx is None:
+    if rank is None:
         raise ctx.unsupported(node, "an input of unknown rank")
+    idx = ctx.const_input(node, 1)
+    assert idx is not None
     axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
     shape = ctx.info.shape(x)
     dim = shape[axis] if shape is not None else None
-    if not isinstance(dim, int):
-        raise ctx.unsupported(node, f"gathering along axis {axis} of unknown size")
-    flat = [int(i) + dim if int(i) < 0 else int(i) for i in np.atleast_1d(idx).reshape(-1)]
     b = ctx.b
     g = dy
     # collapse the index dims of dY into one axis at `axis`
@@ -191,9 +190,25 @@ def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         if yshape is None:
             raise ctx.unsupported(node, "an output of unknown shape")
         dims = [0 if not isinstance(d, int) else d for d in yshape]
-        new = dims[:axis] + [len(flat)] + dims[axis + idx.ndim :]
+        new = dims[:axis] + [int(idx.size)] + dims[axis + idx.ndim :]
         g = b.op("Reshape", [g, b.const(np.array(new, np.int64), "shape")])
-    return [_scatter_axis(ctx, g, flat, dim, axis, rank, x), None]
+    if isinstance(dim, int):
+        flat = [int(i) + dim if int(i) < 0 else int(i) for i in idx.reshape(-1)]
+        return [_scatter_axis(ctx, g, flat, dim, axis, rank, x), None]
+    return [contract_axis_with(ctx, g, _run_time_onehot(ctx, idx.reshape(-1), x, axis), axis, rank), None]
+
+
+def _run_time_onehot(ctx: RuleContext, idx: np.ndarray, x: str, axis: int) -> str:
+    """[len(idx), size] with onehot[k, j] = (idx[k] mod size == j), size = X's size along axis
+    at run time (a negative index counts from the end, as Gather reads it)."""
+    b = ctx.b
+    size = b.shape_of(x, axis, axis + 1)  # [1]
+    picked = b.const(idx.astype(np.int64).reshape(-1, 1), "indices")  # [k, 1]
+    if (idx < 0).any():
+        picked = b.op("Mod", [b.op("Add", [picked, size]), size])
+    zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
+    positions = b.op("Range", [zero, b.squeeze(size, [0]), one])  # [size]
+    return b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
 
 
 def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
