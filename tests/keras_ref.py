@@ -91,7 +91,7 @@ def forward_at(nets: Callable[[str], keras.Model], layer: str) -> Reference:
 
 
 def gradcam_at(
-    nets: Callable[[str], keras.Model], layer: str, classes: Sequence[int], features: np.ndarray
+    nets: Callable[[str], keras.Model], layer: str, classes: Sequence[int] | np.ndarray, features: np.ndarray
 ) -> Reference:
     """(x NHWC, dtype) -> {'logits', 'g': dS/dA with S = Σ_i logits[i, classes[i]], 'raw': Grad-CAM
     [N, H, W]}, the head (layer -> logits) differentiated by tf.GradientTape at `features` (the
