@@ -48,20 +48,21 @@ class Spec:
     earlier_layout: str | None = None  # where it differs from the default layer's
 
 
-# ViT/DeiT/Swin: the last block's output has gradient at the class token only (its head reads the
-# class token, or for Swin the average after a final norm): the default is the last block's norm1,
-# as pytorch-grad-cam's tutorials choose (`model.blocks[-1].norm1`). LeViT and EfficientFormer
-# average their tokens: the last stage output (EfficientFormer: after its final norm).
+# ViT/DeiT predict from the class token alone: the last block's output has gradient at the class
+# token only, so the default is the last block's norm1, as pytorch-grad-cam's tutorials choose
+# (`model.blocks[-1].norm1`; docs/layouts.md). Swin, LeViT and EfficientFormer average their
+# tokens: every position of the last map carries gradient, and the default is that map (Swin and
+# EfficientFormer: after the final norm; torchvision's swin_t: its NCHW permute of it).
 SPECS = {
     "vit_tiny_patch16_224": Spec("timm", "blocks.11.norm1", "blocks.10", "tokens", 1),
     "deit_tiny_patch16_224": Spec("timm", "blocks.11.norm1", "blocks.10", "tokens", 1),
-    "swin_tiny_patch4_window7_224": Spec("timm", "layers.3.blocks.1.norm1", "layers.2", "nhwc"),
+    "swin_tiny_patch4_window7_224": Spec("timm", "norm", "layers.2", "nhwc"),
     "levit_128s": Spec("timm", "stages.2", "stages.1", "tokens", 0),
     "efficientformer_l1": Spec("timm", "norm", "stages.2", "tokens", 0, earlier_layout="nchw"),
     "vit_b_16": Spec(
         "torchvision", "encoder.layers.encoder_layer_11.ln_1", "encoder.layers.encoder_layer_10", "tokens", 1
     ),
-    "swin_t": Spec("torchvision", "features.7.1.norm1", "features.5", "nhwc"),
+    "swin_t": Spec("torchvision", "permute", "features.5", "nchw", earlier_layout="nhwc"),
 }
 CASES = [(name, dynamo, which) for name in SPECS for dynamo in (False, True) for which in ("default", "earlier")]
 IDS = [f"{n}-{'dynamo' if d else 'torchscript'}-{w}" for n, d, w in CASES]

@@ -51,8 +51,11 @@ def parse_tokens(role: str) -> tuple[int, tuple[int, ...]] | None:
     return values[0], tuple(values[1:])
 
 
+_OFFSET = "~"  # a position within a cell of a coarser grid (space-to-depth, patch merging)
+
+
 def is_grid(role: str) -> bool:
-    return role.startswith("S")
+    return role.startswith("S") and not role.endswith(_OFFSET)
 
 
 def image_layout(shape: Sequence[object]) -> str:
@@ -158,7 +161,7 @@ def _node_roles(
         perm = _attr(node, "perm", list(reversed(range(len(x)))))
         return {out: tuple(x[p] for p in perm)}
     if op in _RESHAPING:
-        return {out: reshaped(x, info.shape(node.input[0]), oshape)}
+        return {out: reshaped(x, _sized(x, info.shape(node.input[0])), oshape)}
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         weight = node.input[3 if op == "QLinearMatMul" else 1]
         if weight not in dynamic and oshape is not None and len(oshape) == len(x):
@@ -240,6 +243,7 @@ def reshaped(x: Roles, before: Sequence[Any] | None, after: Sequence[Any] | None
     """
     if before is None or after is None or len(before) != len(x):
         return None
+    after = _resolved(before, after)
     # size-1 axes carry nothing, except a batch of 1: it pairs with the size-1 axis of the output
     # that has as many other axes before it
     src = [(d, r) for d, r in zip(before, x) if d != 1 or r == BATCH]
@@ -317,6 +321,38 @@ def reshaped(x: Roles, before: Sequence[Any] | None, after: Sequence[Any] | None
     return tuple(out)
 
 
+def _sized(roles: Roles, shape: Sequence[Any] | None) -> list[Any] | None:
+    """`shape` with the sizes of token axes that shape inference left unknown, from their roles."""
+    if shape is None:
+        return None
+    out = list(shape)
+    for k, role in enumerate(roles):
+        parsed = parse_tokens(role)
+        if parsed is not None and parsed[0] >= 0 and not isinstance(out[k], int):
+            out[k] = parsed[0] + math.prod(parsed[1])
+    return out
+
+
+def _resolved(before: Sequence[Any], after: Sequence[Any]) -> list[Any]:
+    """`after` with one size that shape inference left unknown computed from the element count,
+    as a Reshape's -1 is (the batch, symbolic, on both sides)."""
+
+    def unknown(d: Any) -> bool:
+        return d is None or (isinstance(d, str) and d.startswith("unk__"))
+
+    out = list(after)
+    holes = [k for k, d in enumerate(out) if unknown(d)]
+    symbolic_in = [d for d in before if not isinstance(d, int)]
+    symbolic_out = [d for d in out if not isinstance(d, int) and not unknown(d)]
+    if len(holes) != 1 or len(symbolic_in) != len(symbolic_out) + (1 if holes[0] == 0 else 0):
+        return out
+    total = _static_product([d for d in before if isinstance(d, int)])
+    rest = _static_product([d for d in out if isinstance(d, int)])
+    if holes[0] != 0 and total is not None and rest and total % rest == 0 and len(symbolic_in) == len(symbolic_out):
+        out[holes[0]] = total // rest
+    return out
+
+
 def _folded(role: str, parts: Sequence[tuple[Any, str]]) -> str:
     """A symbolic axis with static axes folded into it, e.g. the batch times the tokens."""
     return "*".join([role, *(f"{r}@{d}" for d, r in parts)])
@@ -343,6 +379,10 @@ def _regroup(src_roles: list[str], src_sizes: list[int], dst_sizes: list[int]) -
             return [tokens(0, src_sizes)]
         if all(r.startswith(CHANNELS + ":") for r in src_roles):  # attention heads merged back
             return [CHANNELS]
+        if len(src_roles) == 2 and is_grid(src_roles[0]) and src_roles[1] == src_roles[0] + _OFFSET:
+            return [src_roles[0]]  # cells and the offsets in them: the axis again (Swin's window reverse)
+        if src_roles[-1] == CHANNELS and all(r.endswith(_OFFSET) for r in src_roles[:-1]):
+            return [CHANNELS]  # offsets within grid cells folded into channels (Swin's patch merging)
         if src_roles[0] in (CHANNELS, DIRECTIONS) and all(is_grid(r) or r == CHANNELS for r in src_roles[1:]):
             # channels with grid axes folded in (a CRNN's [C, H] as features of each column), or a
             # recurrent output's directions with its channels: channels
@@ -354,6 +394,8 @@ def _regroup(src_roles: list[str], src_sizes: list[int], dst_sizes: list[int]) -
             return [grid(i) for i in range(len(dst_sizes))]
         if src_roles[0] == CHANNELS:  # channels split into (q/k/v,) heads and head channels
             return [f"{CHANNELS}:{k}" for k in range(len(dst_sizes))]
+        if is_grid(src_roles[0]) and len(dst_sizes) == 2:  # a grid axis into cells and offsets in them
+            return [src_roles[0], src_roles[0] + _OFFSET]
     return [UNKNOWN] * len(dst_sizes)
 
 

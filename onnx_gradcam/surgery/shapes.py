@@ -8,7 +8,9 @@ which onnx's data propagation does not follow; we fold such 1-D shape values sym
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -99,6 +101,7 @@ def _dims(vi: onnx.ValueInfoProto) -> list[Dim] | None:
 def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | None]) -> dict[str, list[Dim]]:
     """1-D integer values computable from shapes and constants, dims symbolic where unknown."""
     values: dict[str, list[Dim]] = {}
+    grids: dict[str, list[int]] = {}  # the shapes of folded values that are not 1-D
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
         if arr.dtype.kind in "iu" and arr.ndim <= 1 and arr.size <= 16:
@@ -118,22 +121,73 @@ def _fold_shape_values(model: onnx.ModelProto, shapes: dict[str, list[Dim] | Non
                 out = list(s)[attrs.get("start", 0) : attrs.get("end", len(s))]
         elif op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten") and ins and ins[0] is not None:
             out = ins[0]
+            if op in ("Cast", "Identity") and node.input[0] in grids:
+                grids[node.output[0]] = grids[node.input[0]]
         elif op == "Concat" and ins and all(v is not None for v in ins):
             out = [d for v in ins for d in v]  # type: ignore[union-attr]
-        elif op == "Slice" and ins and ins[0] is not None and all(v is not None for v in ins[1:3]):
+        elif (
+            op == "Slice"
+            and ins
+            and ins[0] is not None
+            and all(v is not None for v in ins[1:3])
+            and (node.input[0] not in grids)
+        ):
             steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
             bounds = [ins[1][0], ins[2][0], steps[0]]  # type: ignore[index]
             if all(isinstance(v, int) for v in bounds):  # 1-D values: one axis
                 start, stop, step = (int(v) for v in bounds)  # type: ignore[arg-type]
                 out = ins[0][start:stop:step]
-        elif op in ("Mul", "Div", "Add", "Sub") and len(ins) == 2 and ins[0] is not None and ins[1] is not None:
+        elif (
+            op in ("Mul", "Div", "Add", "Sub", "Mod", "Max", "Min")
+            and len(ins) == 2
+            and ins[0] is not None
+            and ins[1] is not None
+        ):
             out = _arith(op, ins[0], ins[1])
         elif op == "Gather" and ins and ins[0] is not None and ins[1] is not None:
-            if all(isinstance(v, int) for v in ins[1]):  # type: ignore[union-attr]
+            if all(isinstance(v, int) for v in ins[1]) and node.input[0] not in grids:  # type: ignore[union-attr]
                 out = [ins[0][int(i)] for i in ins[1]]  # type: ignore[index, arg-type]
+        elif op == "ConstantOfShape" and ins and ins[0] is not None and _ints(ins[0]) is not None:
+            fill = numpy_helper.to_array(attrs["value"]).reshape(-1) if "value" in attrs else np.zeros(1)
+            if fill.dtype.kind in "iu" and math.prod(_ints(ins[0]) or [0]) <= 64:  # type: ignore[arg-type]
+                out = [int(fill[0])] * math.prod(_ints(ins[0]) or [0])
+                if len(ins[0]) != 1:
+                    grids[node.output[0]] = _ints(ins[0]) or []
+        elif op in ("Reshape", "Transpose", "Slice") and ins and ins[0] is not None and _ints(ins[0]) is not None:
+            # torch's F.pad spells its pads out as Reshape [-1, 2] -> Slice(step -1) -> Transpose -> Reshape
+            arr = np.array(_ints(ins[0]), np.int64).reshape(grids.get(node.input[0], [len(ins[0])]))
+            try:
+                folded = _fold_array(op, arr, attrs, ins)
+            except ValueError:  # a shape this reading does not track (a value of unknown rank)
+                folded = None
+            if folded is not None:
+                out = [int(v) for v in folded.reshape(-1)]
+                if folded.ndim != 1:
+                    grids[node.output[0]] = list(folded.shape)
         if out is not None:
             values[node.output[0]] = out
     return values
+
+
+def _fold_array(op: str, arr: np.ndarray, attrs: dict[str, Any], ins: list[list[Dim] | None]) -> np.ndarray | None:
+    """Reshape, Transpose or Slice of a small integer array known at prepare time."""
+    if op == "Transpose":
+        return arr.transpose(attrs.get("perm", list(reversed(range(arr.ndim)))))
+    operands = [_ints(v) if v is not None else None for v in ins[1:]]
+    if op == "Reshape":
+        target = operands[0] if operands else None
+        if target is None or 0 in target:
+            return None
+        return arr.reshape(target)
+    if len(operands) < 2 or operands[0] is None or operands[1] is None:
+        return None
+    starts, ends = operands[0], operands[1]
+    axes = operands[2] if len(operands) > 2 and operands[2] is not None else list(range(len(starts)))
+    steps = operands[3] if len(operands) > 3 and operands[3] is not None else [1] * len(starts)
+    index = [slice(None)] * arr.ndim
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        index[ax % arr.ndim] = slice(st, en, sp)  # Python's clamping is ONNX's
+    return arr[tuple(index)]
 
 
 def _arith(op: str, a: list[Dim], b: list[Dim]) -> list[Dim] | None:
@@ -152,6 +206,10 @@ def _arith(op: str, a: list[Dim], b: list[Dim]) -> list[Dim] | None:
             out.append(x + y)
         elif op == "Sub":
             out.append(x - y)
+        elif op == "Mod":  # fmod=0: the sign of the divisor, as Python's %
+            out.append(x % y if y else None)
+        elif op in ("Max", "Min"):
+            out.append(max(x, y) if op == "Max" else min(x, y))
         else:
             out.append(x // y if y else None)  # integer Div truncates; shape values are positive
     return out
@@ -205,12 +263,18 @@ def _hinted_dims(
     shapes: dict[str, list[Dim] | None],
     scales: dict[str, list[float]] | None = None,
 ) -> list[Dim] | None:
-    """Output dims of Reshape / Resize whose shape operand folds, else None."""
+    """Output dims of Reshape / Resize / Slice / Pad whose shape operand folds, else None."""
     if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in values:
         allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
         return _reshape_result(shapes.get(node.input[0]), values[node.input[1]], allowzero)
     if node.op_type == "Slice" and len(node.input) >= 3:
         return _slice_dims(node, values, shapes)
+    if node.op_type == "Pad" and len(node.input) > 1 and node.input[1] in values and len(node.input) < 4:
+        in_dims, pads = shapes.get(node.input[0]), _ints(values[node.input[1]])
+        if in_dims is None or pads is None or len(pads) != 2 * len(in_dims):
+            return None  # (Pad's axes input, opset 18, is left to onnx)
+        n = len(in_dims)
+        return [d + pads[i] + pads[n + i] if isinstance(d, int) else d for i, d in enumerate(in_dims)]
     if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] in values:
         if any(a.name == "axes" for a in node.attribute):
             return None

@@ -118,7 +118,7 @@ def _slice_params(ctx: RuleContext, node: onnx.NodeProto, rank: int) -> list[tup
         sv = ctx.const_input(node, 4)
         steps = [int(v) for v in sv] if sv is not None else [1] * len(starts)
     x = node.input[0]
-    shape = ctx.static_shape(x, node) if any(s != 1 for s in steps) else ctx.info.shape(x)
+    shape = ctx.info.shape(x)  # only the sliced axes need a static size (the batch may be symbolic)
     out = []
     for ax, st, en, sp in zip(axes, starts, ends, steps):
         ax = norm_axis(ax, rank)
