@@ -361,6 +361,12 @@ CASES: dict[str, list[Case]] = {
             "negative_step",
             [x_(rnd(2, 5)), c_("starts", i64(-1)), c_("ends", i64(-6)), c_("axes", i64(1)), c_("steps", i64(-2))],
         ),
+        # LeViT's attention downsampling: a strided slice of a grid axis, the batch of run-time size
+        Case(
+            "step2_symbolic_batch",
+            [x_(rnd(2, 7, 7, 3)), c_("starts", i64(0)), c_("ends", i64(7)), c_("axes", i64(1)), c_("steps", i64(2))],
+            symbolic=(0,),
+        ),
     ],
     "Gather": [
         Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),
