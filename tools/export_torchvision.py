@@ -72,6 +72,9 @@ def condition(model, shape: tuple[int, ...], batches: int = 4, seed: int = 0):  
         else:
             model.eval()
             handles = []
+            for m in model.modules():  # a layer initialised to zero (torchvision ViT's head) has no spread
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not bool(m.weight.any()):
+                    m.reset_parameters()
 
             def unit_spread(module, _inputs, out):  # type: ignore[no-untyped-def]
                 # out = W x + b: dividing W and b by s divides out by s; later layers see the result

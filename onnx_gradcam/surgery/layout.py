@@ -124,8 +124,9 @@ def propagate(nodes: Sequence[onnx.NodeProto], info: TensorInfo, image: str, lay
     return roles
 
 
-def _same_shape(a: Sequence[object] | None, b: Sequence[object] | None) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(x == y for x, y in zip(a, b))
+def _broadcast(shape: Sequence[object] | None, out: Sequence[object]) -> bool:
+    """True if `shape` has size 1 on an axis where the output's size is another number."""
+    return shape is not None and any(d == 1 and o != 1 for d, o in zip(shape, out))
 
 
 def _node_roles(
@@ -139,9 +140,17 @@ def _node_roles(
         # an op of unknown meaning that keeps the shape of its input keeps its roles (Sin, Gelu of a
         # newer opset, a custom activation); ops that move values between positions are in _HANDLED
         full = [(i, r) for i, r in zip(node.input, ins) if r is not None and len(r) == len(oshape)]
-        if len({r for _, r in full}) > 1:  # broadcasting: the operand of the output's own shape decides
-            full = [(i, r) for i, r in full if _same_shape(info.shape(i), oshape)]
-        return {out: full[0][1]} if full and len({r for _, r in full}) == 1 else {}
+        # a broadcast operand (size 1 where the output is not: SE's [N, C, 1, 1]) does not decide
+        full = [(i, r) for i, r in full if not _broadcast(info.shape(i), oshape)]
+        if not full:
+            return {}
+        # position-wise ops align their operands: an axis one of them lost (Swin's rolled and
+        # cropped windows) has the role the other gives it; two different roles are unknown
+        merged = []
+        for a in range(len(oshape)):
+            known = {r[a] for _, r in full if r[a] != UNKNOWN}
+            merged.append(known.pop() if len(known) == 1 else UNKNOWN)
+        return {out: tuple(merged)}
     x = ins[0] if ins else None
     if op in _CONV_LIKE:
         if x is not None and len(x) >= 3 and all(is_grid(r) or r == ONE for r in x[2:]):
@@ -464,8 +473,8 @@ def _sliced(node: onnx.NodeProto, info: TensorInfo, x: Roles) -> Roles | None:
         size = shape[a]
         to_end = e >= 2**31 - 1 or (isinstance(size, int) and e >= size)
         parsed = parse_tokens(x[a])
-        if s == 0 and to_end and (step == 1 or is_grid(x[a])):
-            continue  # the whole axis (a grid subsampled by a stride, as LeViT's attention downsampling)
+        if (s == 0 and to_end and step == 1) or (is_grid(x[a]) and to_end and 0 <= s < step):
+            continue  # the whole axis, or a grid subsampled by a stride (LeViT's downsampling, Swin's merging)
         if parsed is not None and step == 1 and 0 < s <= parsed[0] and to_end:
             out[a] = tokens(parsed[0] - s, parsed[1])  # dropping class tokens
         elif x[a] != CHANNELS:
