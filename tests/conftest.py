@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnxruntime as ort
+
+# The suite runs TensorFlow (tests/test_keras.py) and torch's dynamo exporter in one process.
+# Importing triton (which torch.export pulls in) after TensorFlow segfaults (measured: torch
+# 2.14.1, triton 3.x, tensorflow-cpu 2.21; the other order works), so triton comes first.
+with contextlib.suppress(ImportError):
+    import triton.runtime.autotuner  # noqa: F401
 
 
 def cpu_session(model_bytes: bytes) -> ort.InferenceSession:
