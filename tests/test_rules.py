@@ -169,3 +169,81 @@ def _check_surrogate(case: Case, ys: list[np.ndarray], outs: list[np.ndarray]) -
         info = np.iinfo(o.dtype)
         off = np.abs(np.clip(np.round(y), info.min, info.max) - o.astype(np.float64))
         assert off.max() <= (0 if case.exact else 1), f"surrogate off by {off.max()} from onnxruntime"
+
+
+# -- products through int8 weights -----------------------------------------------------------
+# A dense backward product through a dequantized int8 weight is computed from the integer weight
+# (RuleContext._int8_product: dY in three 7-bit digits per row). Rows of very different
+# magnitude share one batch, so a per-tensor digit scale would lose the small ones.
+
+_KIN, _KOUT = 30, 40
+_SEED_ROWS = np.array([1e-6, 1.0, 1e4, 0.0])
+
+
+def _weight_case(shape: tuple[int, int], dtype, axis: int | None, zero_points: bool):  # type: ignore[no-untyped-def]
+    rs = np.random.RandomState(sum(shape) + (axis or 0) * 7 + zero_points)
+    lo, hi = (0, 255) if dtype == np.uint8 else (-128, 127)
+    q = rs.randint(lo, hi + 1, size=shape).astype(dtype)
+    count = 1 if axis is None else shape[axis]
+    s = rs.uniform(0.001, 0.01, count).astype(np.float32)
+    z = rs.randint(lo, hi + 1, count).astype(dtype) if zero_points else np.zeros(count, dtype)
+    if axis is None:
+        s, z = s.reshape(()), z.reshape(())
+    return q, s, z
+
+
+WEIGHT_PRODUCTS = [
+    # (id, op, transB, weight shape, weight dtype, quantization axis, zero points, alpha, int8 path)
+    ("gemm_per_output_channel", "Gemm", 1, (_KOUT, _KIN), np.int8, 0, False, 1.0, True),
+    ("gemm_per_input_channel_zero_points_alpha", "Gemm", 1, (_KOUT, _KIN), np.int8, 1, True, 0.5, True),
+    ("gemm_not_transposed", "Gemm", 0, (_KIN, _KOUT), np.int8, 1, False, 1.0, True),
+    ("matmul_per_tensor_uint8", "MatMul", 0, (_KIN, _KOUT), np.uint8, None, True, 1.0, True),
+    ("matmul_per_column", "MatMul", 0, (_KIN, _KOUT), np.int8, 1, False, 1.0, True),
+    # zero points along the product's inner axis: the float weight (still exact)
+    ("gemm_zero_points_along_k", "Gemm", 1, (_KOUT, _KIN), np.uint8, 0, True, 1.0, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "trans_b", "shape", "dtype", "axis", "zero_points", "alpha", "integer"),
+    [case[1:] for case in WEIGHT_PRODUCTS],
+    ids=[case[0] for case in WEIGHT_PRODUCTS],
+)
+def test_product_through_int8_weight_is_exact_per_row(  # type: ignore[no-untyped-def]
+    op: str, trans_b: int, shape, dtype, axis, zero_points: bool, alpha: float, integer: bool
+) -> None:
+    q, s, z = _weight_case(shape, dtype, axis, zero_points)
+    dq_attrs = {} if axis is None else {"axis": axis}
+    attrs = {"transB": trans_b, "alpha": alpha} if op == "Gemm" else {}
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], **dq_attrs),
+        helper.make_node(op, ["x", "w"], ["y"], **attrs),
+    ]
+    inits = [numpy_helper.from_array(v, n) for n, v in (("wq", q), ("ws", s), ("wz", z))]
+    x_info = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", _KIN])
+    graph = helper.make_graph(nodes, "case", [x_info], [onnx.ValueInfoProto(name="y")], inits)
+    fwd = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fwd.ir_version = 8
+    fwd = _typed_outputs(fwd)
+
+    rs = np.random.RandomState(3)
+    seed = (rs.uniform(-1, 1, (len(_SEED_ROWS), _KOUT)) * _SEED_ROWS[:, None]).astype(np.float32)
+    grad_model = _gradient_model(fwd, "x", {"y": seed}, 17)
+    run = cpu_session(grad_model.SerializeToString())
+    (got,) = run.run(None, {"x": np.zeros((len(_SEED_ROWS), _KIN), np.float32), "seed_y": seed})
+
+    ax = 0 if axis is None else axis
+    w = (q.astype(np.float64) - np.expand_dims(z.astype(np.float64), 1 - ax if z.ndim else ())) * (
+        np.expand_dims(s.astype(np.float64), 1 - ax) if s.ndim else s
+    )
+    m = w if (op == "Gemm" and trans_b) else w.T  # y = x @ M^T-form: dX = dY @ m
+    expected = alpha * seed.astype(np.float64) @ m
+    for row in range(len(_SEED_ROWS)):
+        if _SEED_ROWS[row] == 0:
+            assert not np.any(got[row]), "a zero seed row must give a zero gradient"
+        else:
+            assert rel_err(got[row], expected[row]) < 1e-5, f"row of magnitude {_SEED_ROWS[row]:g}"
+    float_copies = [
+        i for i in grad_model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) == q.size
+    ]
+    assert (not float_copies) == integer, "the int8 path reads the integer weight, not a float copy"

@@ -112,7 +112,9 @@ def build(name: str, size: int | None = None, source: str = "timm", cache: Path 
 
 def export_path(name: str, size: int, dynamo: bool, source: str = "timm", cache: Path | None = None) -> Path:
     stem = f"{name}.{size}.{CONDITIONING}"
-    return (Path(cache) if cache is not None else cache_dir(source)) / (f"{stem}.dynamo.onnx" if dynamo else f"{stem}.onnx")
+    return (Path(cache) if cache is not None else cache_dir(source)) / (
+        f"{stem}.dynamo.onnx" if dynamo else f"{stem}.onnx"
+    )
 
 
 def write_onnx(model, path: Path, size: int, dynamo: bool) -> Path:  # type: ignore[no-untyped-def]

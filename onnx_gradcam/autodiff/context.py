@@ -254,6 +254,72 @@ class RuleContext:
             self._float_weights[name] = folded
         return self._float_weights[name]
 
+    def product(self, dy: str, name: str, transpose: bool, alpha: float = 1.0) -> str:
+        """alpha dy @ M for a 2-D dY [N, K] and a constant weight, M = W^T if `transpose` else W;
+        of a dequantized int8 weight from its integer values (see _int8_product), else a Gemm
+        with the float weight."""
+        exact = self._int8_product(dy, name, transpose, alpha)
+        if exact is not None:
+            return exact
+        return self.b.op("Gemm", [dy, self.weight(name)], alpha=alpha if alpha != 1.0 else None, transB=int(transpose))
+
+    def _int8_product(self, dy: str, name: str, transpose: bool, alpha: float) -> str | None:
+        """dy @ M with M = (Q - Z) S, from the int8 Q itself and exact to float32: each row of dY
+        over its largest magnitude m is written as three 7-bit digits, dY = m (D0 + D1 / 126 +
+        D2 / 126^2) + e with |e| <= m / (2 * 63 * 126^2) ~ 5e-7 m, and the three rows of digits go
+        through one product, DequantizeLinear(uint8) @ DequantizeLinear(int8).
+
+        Standard ops, which onnxruntime runs as one integer product with float output
+        (MatMulIntegerToFloat) on the int8 weight the forward already holds, where a float copy
+        would be four times its size and read from memory on every call. The digits stay below
+        128 so that u8 x s8 pairs cannot saturate 16 bits in AVX2 kernels. A scale along K is
+        applied to dY first; one along M's columns (and alpha) goes into M's dequantization.
+        None where W is not such a weight or its zero point varies along K: the caller then
+        multiplies by the float weight."""
+        source = self.info.dequantized_source(name)
+        if source is None or self.opset < 13 or self.info.grad_dtype(name) != TensorProto.FLOAT:
+            return None
+        q_name, scale_name, zp_name, qaxis = source
+        q, scale = self.info.const(q_name), self.info.const(scale_name)
+        zp = self.info.const(zp_name) if zp_name else None
+        if q is None or scale is None or q.ndim != 2 or q.dtype not in (np.int8, np.uint8) or scale.size == 0:
+            return None
+        qm = np.ascontiguousarray(q.T if transpose else q)
+        axis = None if scale.size == 1 else (1 - qaxis % 2 if transpose else qaxis % 2)  # in M's axes
+        s = scale.astype(np.float64).reshape(-1)
+        z = np.zeros(1, qm.dtype) if zp is None else zp.reshape(-1).astype(qm.dtype)
+        if axis == 0 and np.any(z):
+            return None
+        b = self.b
+        if axis == 0:  # scale per row of M: dY @ diag(s) Q
+            dy = b.op("Mul", [dy, b.const(s.astype(np.float32).reshape(1, -1), "row_scale")])
+            w_scale, w_zp, w_axis = np.array(alpha, np.float32), z[:1].reshape(()), None
+        elif axis == 1:
+            w_scale, w_zp, w_axis = (alpha * s).astype(np.float32), np.broadcast_to(z, s.shape).copy(), 1
+        else:
+            w_scale, w_zp, w_axis = np.array(alpha * s[0], np.float32), z[:1].reshape(()), None
+        q_init = q_name if not transpose else b.const(qm, "weight_t")
+        w = b.op(
+            "DequantizeLinear", [q_init, b.const(w_scale, "weight_scale"), b.const(w_zp, "weight_zp")], axis=w_axis
+        )
+
+        largest = b.op("Max", [b.reduce("ReduceMax", b.op("Abs", [dy]), [-1], True), b.scalar(1e-30)])
+        rest = b.op("Div", [dy, largest])  # rows in [-1, 1]
+        step, offset = b.scalar(1 / 63), b.const(np.array(64, np.uint8), "digit_zp")
+        digits = []
+        for k in range(3):  # digit k holds 126^k times its share, so that one scale fits all three
+            digits.append(b.op("QuantizeLinear", [rest, step, offset]))
+            if k < 2:
+                left = b.op("Sub", [rest, b.op("DequantizeLinear", [digits[-1], step, offset])])
+                rest = b.op("Mul", [left, b.scalar(126.0)])
+        stacked = b.op("DequantizeLinear", [b.op("Concat", digits, axis=0), step, offset])
+        products = b.op("MatMul", [stacked, w])  # [3 N, columns]
+        columns = qm.shape[1]
+        parts = b.op("Reshape", [products, b.const(np.array([3, -1, columns], np.int64), "shape")])
+        weights = b.const(np.array([1, 1 / 126, 1 / 126**2], np.float32).reshape(3, 1, 1), "digit_weights")
+        total = b.reduce("ReduceSum", b.op("Mul", [parts, weights]), [0], False)
+        return b.op("Mul", [total, largest])
+
     def gather_weight(self, name: str, index: str, axis: int) -> str:
         """Gather(weight, index, axis); of a dequantized int8 constant only the gathered rows are
         dequantized (their scales gathered along with them where the scale is per row)."""

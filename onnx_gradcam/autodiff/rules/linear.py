@@ -54,7 +54,7 @@ def gemm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
         elif ta:
             out[0] = b.op("Gemm", [ctx.weight(B), dy], alpha=alpha if alpha != 1.0 else None, transA=tb, transB=1)
         else:
-            da = b.op("Gemm", [dy, ctx.weight(B)], alpha=alpha if alpha != 1.0 else None, transB=1 - tb)
+            da = ctx.product(dy, B, transpose=not tb, alpha=alpha)
             if ctx.info.const(B) is not None:
                 ctx.linear_back[da] = LinearBack(dy, B, rows_out=bool(tb), alpha=alpha)
             out[0] = da
@@ -84,6 +84,9 @@ def matmul(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         # one-hot dY: dA = dY B^T is the explained class's column of B
         da = b.transpose(ctx.gather_weight(B, ctx.one_hot[dy], axis=1), [1, 0])
         ctx.linear_back[da] = LinearBack(ctx.one_hot[dy], B, rows_out=False, gather=True)
+    elif wrt[0] and ra == 2 and rb == 2 and ctx.info.dequantized_source(B) is not None:
+        da = ctx.product(dy, B, transpose=True)  # from the int8 weight itself
+        ctx.linear_back[da] = LinearBack(dy, B, rows_out=False)
     elif wrt[0]:
         bt = _transposed_weight(ctx, B)
         da = b.op("MatMul", [dy, bt])
