@@ -807,3 +807,66 @@ INT8_CASES: dict[str, list[Case]] = {
     ],
 }
 CASES.update(INT8_CASES)
+
+# -- maxpool branch: MaxPool with overlapping windows below opset 16 (equality masks), LRN ---------
+_MP = {"kernel_shape": [3, 3], "strides": [2, 2]}
+MAXPOOL_LRN_CASES: dict[str, list[Case]] = {
+    "MaxPool": [
+        Case(
+            "sppf_k5s1p2_opset12", [x_(distinct(1, 2, 8, 8))], {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}, opset=12
+        ),
+        Case("k3s2p1_opset11", [x_(distinct(2, 2, 7, 7))], {**_MP, "pads": [1, 1, 1, 1]}, opset=11, symbolic=(0,)),
+        Case("alexnet_k3s2_opset13", [x_(distinct(1, 2, 9, 9))], _MP, opset=13),
+        Case("k3s2_opset15", [x_(distinct(1, 2, 8, 8))], _MP, opset=15),
+        Case(
+            "dilated_k3d2_opset13", [x_(distinct(1, 2, 8, 8))], {"kernel_shape": [3, 3], "dilations": [2, 2]}, opset=13
+        ),
+        Case(
+            "dilated_strided_padded_opset13",
+            [x_(distinct(1, 2, 9, 8))],
+            {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 2], "pads": [2, 1, 1, 0]},
+            opset=13,
+        ),
+        Case("ceil_mode_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "ceil_mode": 1}, opset=12),
+        Case(
+            "ceil_mode_padded_opset12",
+            [x_(distinct(1, 2, 8, 9))],
+            {**_MP, "pads": [1, 0, 1, 1], "ceil_mode": 1},
+            opset=12,
+        ),
+        Case("same_upper_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_UPPER"}, opset=12),
+        Case("same_lower_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_LOWER"}, opset=12),
+        Case("valid_k3s1_opset12", [x_(distinct(1, 2, 6, 7))], {"kernel_shape": [3, 3], "auto_pad": "VALID"}, opset=12),
+        Case("asymmetric_pads_opset13", [x_(distinct(1, 2, 7, 7))], {**_MP, "pads": [0, 1, 2, 1]}, opset=13),
+        Case("anisotropic_opset13", [x_(distinct(1, 2, 7, 8))], {"kernel_shape": [3, 2], "strides": [1, 2]}, opset=13),
+        Case("pool1d_k3s1p1_opset11", [x_(distinct(2, 3, 9))], {"kernel_shape": [3], "pads": [1, 1]}, opset=11),
+        Case(
+            "pool3d_k3s2p1_opset13",
+            [x_(distinct(1, 2, 5, 5, 5))],
+            {"kernel_shape": [3, 3, 3], "strides": [2, 2, 2], "pads": [1] * 6},
+            opset=13,
+        ),
+    ],
+    # even sizes: onnxruntime refuses them (size % 2 == 1); tests/test_pool_norm.py checks one in float64 with
+    # onnx.reference
+    "LRN": [
+        Case(
+            "size3", [x_(rnd(2, 5, 3, 3, lo=-2, hi=2))], {"size": 3, "alpha": 0.5, "beta": 0.75, "bias": 2.0}, dtype=F32
+        ),
+        Case("alexnet_size5_defaults", [x_(rnd(2, 7, 3, 3, lo=-30, hi=30))], {"size": 5}, opset=11, dtype=F32),
+        Case(
+            "size1_beta1",
+            [x_(rnd(1, 3, 2, 2, lo=-2, hi=2))],
+            {"size": 1, "alpha": 0.3, "beta": 1.0, "bias": 0.5},
+            dtype=F32,
+        ),
+        Case(
+            "size7_wider_than_channels",
+            [x_(rnd(1, 4, 2, 3, lo=-2, hi=2))],
+            {"size": 7, "alpha": 1.0, "beta": 0.5, "bias": 1.0},
+            opset=13,
+            dtype=F32,
+        ),
+    ],
+}
+CASES.update({op: CASES.get(op, []) + cases for op, cases in MAXPOOL_LRN_CASES.items()})

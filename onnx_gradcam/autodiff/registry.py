@@ -102,6 +102,10 @@ RULES: dict[str, Rule] = {
     "com.microsoft.QLinearSoftmax": quantization.qlinear_softmax,
 }
 
+# -- maxpool branch: local response normalisation (MaxPool's masks below opset 16 live in its rule)
+RULES.update({"LRN": normalization.lrn})
+# -- end maxpool branch
+
 # Inputs that carry gradient, where not all of them do. Ops listed with () carry none:
 # their outputs are shapes, indices or booleans, constants as far as gradients go.
 _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {

@@ -1,4 +1,5 @@
-"""Gradients of BatchNormalization (inference form) and LayerNormalization."""
+"""Gradients of BatchNormalization (inference form), LayerNormalization and LRN (local response
+normalisation across channels)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,45 @@ def layer_norm(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None]
     if len(wrt) > 2 and wrt[2]:
         out[2] = unbroadcast(ctx, dy, node.input[2], y)
     return out
+
+
+def _channel_window_sum(ctx: RuleContext, t: str, rank: int, before: int, after: int) -> str:
+    """out[:, c] = Σ_{c' = c - before}^{c + after} t[:, c'] over zero-padded channels: one Pad and
+    before + after + 1 Slices of it (their ends counted from the end, so C may be dynamic)."""
+    b = ctx.b
+    size = before + after + 1
+    if size == 1:
+        return t
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = before, after
+    padded = b.op("Pad", [t, b.const(np.array(pads, np.int64), "pads")])
+    axis = b.const(np.array([1], np.int64), "axes")
+    parts = []
+    for j in range(size):
+        end = j - (size - 1) if j < size - 1 else np.iinfo(np.int64).max
+        starts, ends = b.const(np.array([j], np.int64), "starts"), b.const(np.array([end], np.int64), "ends")
+        parts.append(b.op("Slice", [padded, starts, ends, axis]))
+    return b.op("Sum", parts)
+
+
+def lrn(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X S^-beta,  S = bias + alpha / size Σ_{c' = c - lo}^{c + hi} X[c']^2 (lo = floor((size - 1) / 2),
+    hi = ceil((size - 1) / 2), channels outside [0, C) left out):
+    dX = dY S^-beta - (2 alpha beta / size) X Σ_{c = c' - hi}^{c' + lo} (dY Y / S)[c]."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    a = ctx.attrs(node)
+    size = int(a["size"])
+    alpha, beta, bias = float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+    lo, hi = (size - 1) // 2, size // 2
+    b = ctx.b
+    squares = _channel_window_sum(ctx, b.op("Mul", [x, x]), rank, lo, hi)
+    s = b.op("Add", [b.op("Mul", [squares, ctx.scalar_like(x, alpha / size)]), ctx.scalar_like(x, bias)])
+    direct = b.op("Mul", [dy, b.op("Pow", [s, ctx.scalar_like(x, -beta)])])
+    spread = _channel_window_sum(ctx, b.op("Div", [b.op("Mul", [dy, y]), s]), rank, hi, lo)
+    coupled = b.op("Mul", [b.op("Mul", [x, spread]), ctx.scalar_like(x, 2.0 * alpha * beta / size)])
+    return [b.op("Sub", [direct, coupled])]

@@ -1,8 +1,9 @@
 """Gradients of pooling: global average/max, AveragePool (as a transposed depthwise conv),
-MaxPool (scattering through the Indices output of a twin MaxPool)."""
+MaxPool (through a twin MaxPool's Indices; below opset 16, by masks per window offset)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -137,11 +138,11 @@ def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
 
 
 def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = window max of X:  dX[I] += dY, I the flat arg-max indices of a twin MaxPool with the
-    same attributes (first maximum wins, as in torch and onnxruntime)."""
+    """Y = window max of X:  dX[i] = Σ_o dY[o] [i is the first arg-max of window o] (first maximum
+    wins, as in torch and onnxruntime): from opset 16 a scatter-add through the Indices output of a
+    twin MaxPool; below, where windows overlap, one equality mask per window offset."""
     dy = dys[0]
     assert dy is not None
-    x = node.input[0]
     a = ctx.attrs(node)
     if int(a.get("storage_order", 0)) != 0:
         raise ctx.unsupported(node, "storage_order=1")
@@ -150,10 +151,20 @@ def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], 
     dilations = list(a.get("dilations", [1] * n))
     overlap = any((k - 1) * d + 1 > s for k, s, d in zip(a["kernel_shape"], strides, dilations))
     if overlap and ctx.opset < 16:
-        raise ctx.unsupported(node, f"overlapping windows at opset {ctx.opset} (ScatterElements needs opset 16 to add)")
+        dx = max_pool_masks(ctx, node, dy)
+    else:
+        dx = max_pool_scatter(ctx, node, dy, overlap)
+    if dy in ctx.channel_sum:  # each window's dY lands on one tap: spatial sums carry over
+        ctx.channel_sum[dx] = ctx.channel_sum[dy]
+    return [dx]
+
+
+def max_pool_scatter(ctx: RuleContext, node: onnx.NodeProto, dy: str, overlap: bool) -> str:
+    """dX = ScatterElements(0, I, dY) (reduction add where windows overlap, opset 16), I the flat
+    arg-max indices of a twin MaxPool with the same attributes."""
+    x = node.input[0]
     b = ctx.b
-    twin_attrs = {k: v for k, v in a.items()}
-    _, indices = b.op("MaxPool", [x], hint="maxpool_twin", outputs=2, **twin_attrs)
+    _, indices = b.op("MaxPool", [x], hint="maxpool_twin", outputs=2, **ctx.attrs(node))
     flat = b.const(np.array([-1], np.int64), "shape")
     zeros = b.op("Reshape", [ctx.zeros_like(x), flat])
     scatter_attrs = {"reduction": "add"} if overlap else {}
@@ -163,7 +174,100 @@ def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], 
         axis=0,
         **scatter_attrs,
     )
-    dx = b.op("Reshape", [dxf, ctx.reshape_to(x)])
-    if dy in ctx.channel_sum:  # each window's dY lands on one tap: spatial sums carry over
-        ctx.channel_sum[dx] = ctx.channel_sum[dy]
-    return [dx]
+    return b.op("Reshape", [dxf, ctx.reshape_to(x)])
+
+
+def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
+    """The MaxPool gradient from ops of opset 11: for each window offset j (row-major over the
+    kernel, the order in which torch and onnxruntime scan a window), T_j = the strided slice of
+    X padded with -inf that holds tap j of every window, and M_j = (T_j == Y) and no earlier tap
+    matched (a tie counts once, at the first maximum):
+
+        G_j = Where(M_j, R_j, 0),  R_{j+1} = Where(M_j, 0, R_j),  R_0 = dY;
+        dX = crop(Σ_j place_j(G_j)),  place_j: window o's value to padded position o s + j d.
+
+    place_j is one Pad: with strides, of G_j viewed as [N, C, O_1, 1, O_2, 1, ...], where
+    o s + j d = (o + q) s + r pads the O axis by q blocks and the unit axis by r and s - 1 - r,
+    and the Sum merges back to [N, C, B_1 s_1, ...]."""
+    x, y = node.input[0], node.output[0]
+    if ctx.opset < 11:
+        raise ctx.unsupported(node, "overlapping windows below opset 11 (re-export at opset 11 or newer)")
+    xs, ys, kernel, strides, dilations, begin, _ = _pool_geometry(ctx, node)
+    ins, outs = xs[2:], ys[2:]
+    n = len(kernel)
+    b = ctx.b
+    axes = b.const(np.arange(2, 2 + n, dtype=np.int64), "axes")
+    # X padded to span every window: -inf never equals a maximum
+    span = [(o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(outs, kernel, strides, dilations)]
+    tail = [max(p - bg - i, 0) for p, bg, i in zip(span, begin, ins)]
+    xp = x
+    if any(begin) or any(tail):
+        pads = b.const(np.array([0, 0, *begin, 0, 0, *tail], np.int64), "pads")
+        xp = b.op("Pad", [x, pads, ctx.scalar_like(x, -np.inf)])
+    # the canvas in padded coordinates: B blocks of s per axis, covering every tap and X itself
+    blocks = [
+        max(o + -(-((k - 1) * d) // s), -(-(bg + i) // s))
+        for o, k, s, d, bg, i in zip(outs, kernel, strides, dilations, begin, ins)
+    ]
+    strided = any(s > 1 for s in strides)
+    if strided:
+        cells = b.const(np.array([-1, xs[1]] + [v for o in outs for v in (o, 1)], np.int64), "shape")
+    zero = ctx.scalar_like(x, 0.0)
+    steps = b.const(np.array(strides, np.int64), "steps")
+    rest = dy
+    placed = []
+    offsets = list(itertools.product(*[range(k) for k in kernel]))
+    for t, j in enumerate(offsets):
+        first = [jj * d for jj, d in zip(j, dilations)]
+        last = [f + (o - 1) * s + 1 for f, o, s in zip(first, outs, strides)]
+        starts = b.const(np.array(first, np.int64), "starts")
+        ends = b.const(np.array(last, np.int64), "ends")
+        tap = b.op("Slice", [xp, starts, ends, axes, steps])
+        mask = b.op("Equal", [tap, y])
+        g = b.op("Where", [mask, rest, zero])
+        if t + 1 < len(offsets):
+            rest = b.op("Where", [mask, zero, rest])
+        begins, ends_ = [], []
+        for f, o, s, blk in zip(first, outs, strides, blocks):
+            q, r = divmod(f, s)
+            if strided:
+                begins += [q, r]
+                ends_ += [blk - o - q, s - 1 - r]
+            else:
+                begins.append(q)
+                ends_.append(blk - o - q)
+        if strided:
+            g = b.op("Reshape", [g, cells])
+        lead = [0, 0]
+        pads = b.const(np.array([*lead, *begins, *lead, *ends_], np.int64), "pads")
+        placed.append(b.op("Pad", [g, pads]))
+    canvas = b.op("Sum", placed)
+    if strided:
+        merged = [-1, xs[1]] + [blk * s for blk, s in zip(blocks, strides)]
+        canvas = b.op("Reshape", [canvas, b.const(np.array(merged, np.int64), "shape")])
+    size = [blk * s for blk, s in zip(blocks, strides)]
+    if any(begin) or any(sz != i for sz, i in zip(size, ins)):
+        starts = b.const(np.array(begin, np.int64), "starts")
+        ends = b.const(np.array([bg + i for bg, i in zip(begin, ins)], np.int64), "ends")
+        canvas = b.op("Slice", [canvas, starts, ends, axes])
+    return canvas
+
+
+def max_pool_one_hot(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
+    """The MaxPool gradient as a product with the one-hot of the arg-max indices (opset 11):
+    I = Indices of a twin MaxPool mod (H W), E[n, c, o, i] = (I[n, c, o] == i),
+    dX[n, c, :] = dY[n, c, :] @ E[n, c] (a [1, O] x [O, H W] product per channel).
+
+    Kept to compare with `max_pool_masks` (tools/bench_maxpool.py): E has O H W entries per
+    channel, so it only pays on small maps."""
+    x = node.input[0]
+    xs, ys, *_ = _pool_geometry(ctx, node)
+    area, count = math.prod(xs[2:]), math.prod(ys[2:])
+    b = ctx.b
+    _, indices = b.op("MaxPool", [x], hint="maxpool_twin", outputs=2, **ctx.attrs(node))
+    local = b.op("Mod", [indices, b.const(np.array(area, np.int64), "area")])
+    local = b.op("Reshape", [local, b.const(np.array([-1, xs[1], count, 1], np.int64), "shape")])
+    one_hot = b.op("Equal", [local, b.const(np.arange(area, dtype=np.int64), "positions")])
+    one_hot = b.op("Cast", [one_hot], to=ctx.info.grad_dtype(x))
+    dyf = b.op("Reshape", [dy, b.const(np.array([-1, xs[1], 1, count], np.int64), "shape")])
+    return b.op("Reshape", [b.op("MatMul", [dyf, one_hot]), ctx.reshape_to(x)])
