@@ -55,12 +55,14 @@ def prepare(
     target: str = "class",
     layout: str | None = None,
     verify: bool = True,
+    opset: int | None = None,
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
 
     With `verify` (the default) the result is first loaded in onnxruntime on the CPU and run on a
     probe batch beside the source model (see `onnx_gradcam.explain.verify`); if that check fails,
-    a VerificationError says which node failed and nothing is written.
+    a VerificationError says which node failed and nothing is written. `opset` (such as 16) first
+    upgrades a model below it with onnx's version converter; by default the source opset is kept.
 
     Example:
         >>> report = prepare("resnet50.onnx")          # writes resnet50.gradcam.onnx
@@ -85,6 +87,7 @@ def prepare(
         target=target,
         layout=layout,
         inplace=True,  # the self-check runs the source from its file
+        opset=opset,
     )
     data = serialise(prepared)  # once, for the self-check and the file (None over 2 GB)
     if verify:
@@ -106,6 +109,7 @@ def prepare_model(
     target: str = "class",
     layout: str | None = None,
     verify: bool = True,
+    opset: int | None = None,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """(prepared model, report) in memory; `model` is not modified. The options are prepare()'s.
 
@@ -124,6 +128,7 @@ def prepare_model(
         guided=guided,
         target=target,
         layout=layout,
+        opset=opset,
     )
     if verify:
         verify_prepared(model, prepared, report)

@@ -111,6 +111,13 @@ def main() -> None:
     "T along the image's width). Default: found from the graph.",
 )
 @click.option(
+    "--opset",
+    type=int,
+    help="Upgrade MODEL to this ai.onnx opset first (onnx's version converter), e.g. 16, where overlapping MaxPool "
+    "windows scatter-add their gradient. Default: keep MODEL's opset (13 at least), so that the runtime that ran "
+    "MODEL runs the result; the IR version stays MODEL's where the opset allows.",
+)
+@click.option(
     "--no-verify",
     is_flag=True,
     help="Skip the self-check (load the result in onnxruntime on the CPU and run a probe batch beside MODEL), "
@@ -130,6 +137,7 @@ def prepare_cmd(
     preprocess: str | None,
     expose_gradient: bool,
     layout: str | None,
+    opset: int | None,
     no_verify: bool,
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
@@ -154,6 +162,7 @@ def prepare_cmd(
             target=target,
             layout=layout,
             verify=not no_verify,
+            opset=opset,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None

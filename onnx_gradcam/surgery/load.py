@@ -45,17 +45,31 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise BadInputError("the model imports no ai.onnx opset: to fix this, re-export it as a standard ONNX model")
 
 
-def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Models below opset 13 are converted to 13 (the gradient subgraph needs its ops)."""
-    opset = default_opset(model)
-    if opset >= MIN_OPSET:
+def upgrade_opset(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """Models below opset 13 are converted to 13 (the gradient subgraph needs its ops); with
+    `opset`, models below it are converted to it (prepare --opset). The model itself is returned
+    where nothing changes."""
+    current = default_opset(model)
+    if opset is not None:
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise BadInputError(
+                f"opset {opset} is out of range: to fix this, choose an opset from {MIN_OPSET} to {newest}"
+            )
+        if current > opset:
+            raise BadInputError(
+                f"the model already has opset {current}, above the requested {opset}: the option only upgrades; "
+                f"to fix this, leave it out or ask for opset {current} or newer"
+            )
+    target = max(opset or MIN_OPSET, MIN_OPSET)
+    if current >= target:
         return model
     try:
-        converted = version_converter.convert_version(model, MIN_OPSET)
+        converted = version_converter.convert_version(model, target)
     except Exception as exc:
         raise OnnxGradCamError(
-            f"the model has opset {opset} and onnx's version converter could not upgrade it to opset "
-            f"{MIN_OPSET} ({exc}): to fix this, re-export the model at opset {MIN_OPSET} or newer"
+            f"the model has opset {current} and onnx's version converter could not upgrade it to opset "
+            f"{target} ({exc}): to fix this, re-export the model at opset {target} or newer"
         ) from exc
     return converted
 

@@ -79,6 +79,7 @@ def prepare_model(
     target: str = "class",
     inplace: bool = False,
     layout: str | None = None,
+    opset: int | None = None,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
@@ -89,10 +90,13 @@ def prepare_model(
     segmentation, regression, detection or any other differentiable output. `inplace=True`
     lets prepare extend `model` itself instead of a copy (for callers that own it). `layout`
     (nchw, nhwc, tokens, sequence-first) states the feature tensors' layout where the graph does
-    not tell it; otherwise it is found from the graph (surgery/layout.py).
+    not tell it; otherwise it is found from the graph (surgery/layout.py). `opset` first upgrades a
+    model below it with onnx's version converter (for instance 16, where overlapping MaxPool
+    windows scatter-add their gradient); the IR version stays the source's where the opset allows.
     """
     original_ir = model.ir_version
-    work = upgrade_opset(model)
+    source_opset = default_opset(model)
+    work = upgrade_opset(model, opset)
     if work is model and not inplace:
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -221,6 +225,8 @@ def prepare_model(
     }
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()
+    if opset is not None and opset > source_opset:
+        meta["source_opset"] = str(source_opset)
     existing = {p.key for p in work.metadata_props}
     for key, value in meta.items():
         full = META_PREFIX + key

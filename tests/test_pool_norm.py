@@ -1,0 +1,102 @@
+"""MaxPool's gradient on tied maxima against torch (a tie counts once, at the first maximum), for
+each way the engine builds it; LRN with an even size (which onnxruntime refuses) in float64.
+
+Finite differences cannot see ties (the max is not differentiable there), so tests/rule_cases.py
+uses distinct values; here integer-valued inputs tie in almost every window.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from onnx_gradcam.autodiff import registry
+from onnx_gradcam.autodiff.rules import pooling
+
+from .conftest import cpu_session, rel_err
+from .rule_cases import F64, Case, rnd, x_
+from .test_rules import _forward_model, _gradient_model
+
+torch = pytest.importorskip("torch")
+
+POOLS = {
+    # id: (input shape, torch pooling kwargs)
+    "sppf_k5s1p2": ((2, 3, 9, 9), {"kernel_size": 5, "stride": 1, "padding": 2}),
+    "k3s2": ((2, 3, 9, 9), {"kernel_size": 3, "stride": 2}),
+    "k3s2p1_dilated": ((1, 3, 11, 11), {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 2}),
+    "pool1d_k3s1p1": ((2, 3, 11), {"kernel_size": 3, "stride": 1, "padding": 1}),
+    "pool3d_k3s2p1": ((1, 2, 7, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1}),
+}
+
+
+def _one_hot(ctx, node, dys, wrt):  # type: ignore[no-untyped-def]
+    return [pooling.max_pool_one_hot(ctx, node, dys[0])]
+
+
+# (opset, the MaxPool rule): the registered rule below 16 (masks), at 16 (scatter-add), and the
+# one-hot product tools/bench_maxpool.py measures
+VARIANTS = {"masks_opset13": (13, None), "scatter_opset16": (16, None), "one_hot_opset13": (13, _one_hot)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_maxpool_ties_count_once_like_torch(pool: str, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape, kw = POOLS[pool]
+    opset, rule = VARIANTS[variant]
+    if rule is not None:
+        monkeypatch.setitem(registry.RULES, "MaxPool", rule)
+    n = len(shape) - 2
+    x = np.random.RandomState(0).randint(0, 3, shape).astype(F64)  # values 0, 1, 2: ties everywhere
+    attrs = {
+        "kernel_shape": [kw["kernel_size"]] * n,
+        "strides": [kw["stride"]] * n,
+        "pads": [kw.get("padding", 0)] * (2 * n),
+        "dilations": [kw.get("dilation", 1)] * n,
+    }
+    fwd = _forward_model("MaxPool", Case(pool, [x_(x)], attrs, opset=opset))
+    (y,) = cpu_session(fwd.SerializeToString()).run(None, {"x": x})
+    seed = np.random.RandomState(1).uniform(0.5, 1.5, y.shape)
+    grad = _gradient_model(fwd, "x", {"y0": seed}, opset)
+    (got,) = cpu_session(grad.SerializeToString()).run(None, {"x": x, "seed_y0": seed})
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = getattr(torch.nn.functional, f"max_pool{n}d")(xt, **kw)
+    np.testing.assert_array_equal(yt.detach().numpy(), y)
+    (yt * torch.from_numpy(seed)).sum().backward()
+    expected = xt.grad.numpy()
+    assert rel_err(got, expected) < 1e-12, f"{pool}/{variant}: {rel_err(got, expected):.2e}"
+    # each window's seed lands once: the gradient's total is the seed's
+    assert math.isclose(got.sum(), seed.sum(), rel_tol=1e-12)
+
+
+def _lrn_numpy(x: np.ndarray, size: int, alpha: float, beta: float, bias: float) -> np.ndarray:
+    """The ONNX spec's LRN: channels max(0, c - floor((size-1)/2)) .. min(C-1, c + ceil((size-1)/2))."""
+    lo, hi = (size - 1) // 2, size // 2
+    squares = np.stack([np.sum(x[:, max(0, c - lo) : c + hi + 1] ** 2, axis=1) for c in range(x.shape[1])], axis=1)
+    return x / (bias + alpha / size * squares) ** beta
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_lrn_even_size_matches_finite_differences_in_float64(size: int) -> None:
+    # onnx 1.23's reference LRN loops its channel window over x.shape[0]: with N == C it is right
+    x = rnd(6, 6, 2, 3, lo=-2, hi=2)
+    attrs = {"size": size, "alpha": 0.75, "beta": 0.625, "bias": 1.5}  # exact in float32 attributes
+    case = Case(f"size{size}", [x_(x)], attrs, opset=13)
+    fwd = _forward_model("LRN", case)
+    lrn = (attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"])
+    (y,) = ReferenceEvaluator(fwd).run(None, {"x": x})
+    np.testing.assert_allclose(y, _lrn_numpy(x, *lrn), rtol=1e-12)  # the reference is the spec here
+    seed = np.random.RandomState(1).uniform(-1, 1, y.shape)
+    grad = _gradient_model(fwd, "x", {"y0": seed}, 13)
+    (got,) = ReferenceEvaluator(grad).run(None, {"x": x, "seed_y0": seed})
+    step, numeric = 1e-6, np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += step
+        minus[idx] -= step
+        numeric[idx] = np.sum((_lrn_numpy(plus, *lrn) - _lrn_numpy(minus, *lrn)) * seed) / (2 * step)
+    err = rel_err(got, numeric)
+    assert err < 1e-8, f"LRN size {size}: relative error {err:.2e}"
