@@ -846,6 +846,30 @@ MAXPOOL_LRN_CASES: dict[str, list[Case]] = {
             {"kernel_shape": [3, 3, 3], "strides": [2, 2, 2], "pads": [1] * 6},
             opset=13,
         ),
+        # float32: the placement is a ConvTranspose (float64: Pads, above)
+        Case(
+            "sppf_k5s1p2_f32",
+            [x_(distinct(1, 2, 8, 8))],
+            {"kernel_shape": [5, 5], "pads": [2] * 4},
+            opset=12,
+            dtype=F32,
+        ),
+        Case(
+            "dilated_strided_padded_ceil_f32",
+            [x_(distinct(1, 2, 9, 8))],
+            {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 2], "pads": [2, 1, 1, 0], "ceil_mode": 1},
+            opset=13,
+            dtype=F32,
+        ),
+        Case("same_lower_f32", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_LOWER"}, opset=13, dtype=F32),
+        Case("pool1d_f32", [x_(distinct(2, 3, 9))], {"kernel_shape": [3], "pads": [1, 1]}, opset=11, dtype=F32),
+        Case(
+            "pool3d_f32",
+            [x_(distinct(1, 2, 5, 5, 5))],
+            {"kernel_shape": [3] * 3, "strides": [2] * 3},
+            opset=13,
+            dtype=F32,
+        ),
     ],
     # even sizes: onnxruntime refuses them (size % 2 == 1); tests/test_pool_norm.py checks one in float64 with
     # onnx.reference

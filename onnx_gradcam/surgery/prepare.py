@@ -96,6 +96,7 @@ def prepare_model(
     """
     original_ir = model.ir_version
     source_opset = default_opset(model)
+    upgraded_from = source_opset if opset is not None and opset > source_opset else None
     work = upgrade_opset(model, opset)
     if work is model and not inplace:
         work = onnx.ModelProto()
@@ -225,8 +226,8 @@ def prepare_model(
     }
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()
-    if opset is not None and opset > source_opset:
-        meta["source_opset"] = str(source_opset)
+    if upgraded_from is not None:
+        meta["source_opset"] = str(upgraded_from)
     existing = {p.key for p in work.metadata_props}
     for key, value in meta.items():
         full = META_PREFIX + key

@@ -177,26 +177,69 @@ def max_pool_scatter(ctx: RuleContext, node: onnx.NodeProto, dy: str, overlap: b
     return b.op("Reshape", [dxf, ctx.reshape_to(x)])
 
 
+def _offsets(geometry: Geometry) -> list[list[int]]:
+    """Each window offset's position in the padded input, [j_a d_a] per axis, in the order torch
+    and onnxruntime scan a window (row-major over the kernel)."""
+    _, _, kernel, _, dilations, _, _ = geometry
+    return [[jj * d for jj, d in zip(j, dilations)] for j in itertools.product(*[range(k) for k in kernel])]
+
+
+def _placed_sum(ctx: RuleContext, geometry: Geometry, parts: Sequence[tuple[list[int], str]]) -> str:
+    """dX = crop(Σ_j place_j(G_j)) for (offset f_j, G_j shaped like Y): place_j moves window o's
+    value to padded position o s + f_j, one Pad each; with strides, of G_j viewed as
+    [N, C, O_1, 1, O_2, 1, ...], where o s + f = (o + q) s + r pads the O axis by q blocks and the
+    unit axis by r and s - 1 - r, and the Sum merges back to [N, C, B_1 s_1, ...]."""
+    xs, ys, kernel, strides, dilations, begin, _ = geometry
+    ins, outs = xs[2:], ys[2:]
+    b = ctx.b
+    # the canvas in padded coordinates: B blocks of s per axis, covering every tap and X itself
+    blocks = [
+        max(o + -(-((k - 1) * d) // s), -(-(bg + i) // s))
+        for o, k, s, d, bg, i in zip(outs, kernel, strides, dilations, begin, ins)
+    ]
+    strided = any(s > 1 for s in strides)
+    cells = b.const(np.array([-1, xs[1]] + [v for o in outs for v in (o, 1)], np.int64), "shape") if strided else ""
+    placed = []
+    for first, g in parts:
+        begins, ends = [], []
+        for f, o, s, blk in zip(first, outs, strides, blocks):
+            q, r = divmod(f, s)
+            begins += [q, r] if strided else [q]
+            ends += [blk - o - q, s - 1 - r] if strided else [blk - o - q]
+        if strided:
+            g = b.op("Reshape", [g, cells])
+        pads = b.const(np.array([0, 0, *begins, 0, 0, *ends], np.int64), "pads")
+        placed.append(b.op("Pad", [g, pads]))
+    canvas = b.op("Sum", placed)
+    size = [blk * s for blk, s in zip(blocks, strides)]
+    if strided:
+        canvas = b.op("Reshape", [canvas, b.const(np.array([-1, xs[1], *size], np.int64), "shape")])
+    if any(begin) or any(sz != i for sz, i in zip(size, ins)):
+        starts = b.const(np.array(begin, np.int64), "starts")
+        ends_ = b.const(np.array([bg + i for bg, i in zip(begin, ins)], np.int64), "ends")
+        canvas = b.op("Slice", [canvas, starts, ends_, b.const(np.arange(2, 2 + len(ins), dtype=np.int64), "axes")])
+    return canvas
+
+
 def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
     """The MaxPool gradient from ops of opset 11: for each window offset j (row-major over the
     kernel, the order in which torch and onnxruntime scan a window), T_j = the strided slice of
-    X padded with -inf that holds tap j of every window, and M_j = (T_j == Y) and no earlier tap
-    matched (a tie counts once, at the first maximum):
+    X padded with -inf that holds tap j of every window, and M_j = (T_j == Y) (a tie counts once,
+    at the first maximum, since R_j is 0 where an earlier tap matched):
 
-        G_j = Where(M_j, R_j, 0),  R_{j+1} = Where(M_j, 0, R_j),  R_0 = dY;
-        dX = crop(Σ_j place_j(G_j)),  place_j: window o's value to padded position o s + j d.
+        G_j = R_j M_j,  R_{j+1} = R_j - G_j,  R_0 = dY;
+        dX = Σ_j place_j(G_j),  place_j: window o's value to X's position o s + j d - pad.
 
-    place_j is one Pad: with strides, of G_j viewed as [N, C, O_1, 1, O_2, 1, ...], where
-    o s + j d = (o + q) s + r pads the O axis by q blocks and the unit axis by r and s - 1 - r,
-    and the Sum merges back to [N, C, B_1 s_1, ...]."""
+    In float32 the placement is one ConvTranspose of the G_j stacked as channels with a one-hot
+    kernel (onnxruntime has no double ConvTranspose); otherwise one Pad each (`_placed_sum`)."""
     x, y = node.input[0], node.output[0]
     if ctx.opset < 11:
         raise ctx.unsupported(node, "overlapping windows below opset 11 (re-export at opset 11 or newer)")
-    xs, ys, kernel, strides, dilations, begin, _ = _pool_geometry(ctx, node)
+    geometry = _pool_geometry(ctx, node)
+    xs, ys, kernel, strides, dilations, begin, _ = geometry
     ins, outs = xs[2:], ys[2:]
-    n = len(kernel)
     b = ctx.b
-    axes = b.const(np.arange(2, 2 + n, dtype=np.int64), "axes")
+    axes = b.const(np.arange(2, 2 + len(ins), dtype=np.int64), "axes")
     # X padded to span every window: -inf never equals a maximum
     span = [(o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(outs, kernel, strides, dilations)]
     tail = [max(p - bg - i, 0) for p, bg, i in zip(span, begin, ins)]
@@ -204,53 +247,27 @@ def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
     if any(begin) or any(tail):
         pads = b.const(np.array([0, 0, *begin, 0, 0, *tail], np.int64), "pads")
         xp = b.op("Pad", [x, pads, ctx.scalar_like(x, -np.inf)])
-    # the canvas in padded coordinates: B blocks of s per axis, covering every tap and X itself
-    blocks = [
-        max(o + -(-((k - 1) * d) // s), -(-(bg + i) // s))
-        for o, k, s, d, bg, i in zip(outs, kernel, strides, dilations, begin, ins)
-    ]
-    strided = any(s > 1 for s in strides)
-    if strided:
-        cells = b.const(np.array([-1, xs[1]] + [v for o in outs for v in (o, 1)], np.int64), "shape")
-    zero = ctx.scalar_like(x, 0.0)
     steps = b.const(np.array(strides, np.int64), "steps")
-    rest = dy
-    placed = []
-    offsets = list(itertools.product(*[range(k) for k in kernel]))
-    for t, j in enumerate(offsets):
-        first = [jj * d for jj, d in zip(j, dilations)]
+    dtype = ctx.info.grad_dtype(x)
+    rest, parts = dy, []
+    offsets = _offsets(geometry)
+    for t, first in enumerate(offsets):
         last = [f + (o - 1) * s + 1 for f, o, s in zip(first, outs, strides)]
-        starts = b.const(np.array(first, np.int64), "starts")
-        ends = b.const(np.array(last, np.int64), "ends")
-        tap = b.op("Slice", [xp, starts, ends, axes, steps])
-        mask = b.op("Equal", [tap, y])
-        g = b.op("Where", [mask, rest, zero])
+        starts, ends = b.const(np.array(first, np.int64), "starts"), b.const(np.array(last, np.int64), "ends")
+        mask = b.op("Equal", [b.op("Slice", [xp, starts, ends, axes, steps]), y])
+        g = b.op("Mul", [rest, b.op("Cast", [mask], to=dtype)])  # Mul and Sub: faster than Where
+        parts.append((first, g))
         if t + 1 < len(offsets):
-            rest = b.op("Where", [mask, zero, rest])
-        begins, ends_ = [], []
-        for f, o, s, blk in zip(first, outs, strides, blocks):
-            q, r = divmod(f, s)
-            if strided:
-                begins += [q, r]
-                ends_ += [blk - o - q, s - 1 - r]
-            else:
-                begins.append(q)
-                ends_.append(blk - o - q)
-        if strided:
-            g = b.op("Reshape", [g, cells])
-        lead = [0, 0]
-        pads = b.const(np.array([*lead, *begins, *lead, *ends_], np.int64), "pads")
-        placed.append(b.op("Pad", [g, pads]))
-    canvas = b.op("Sum", placed)
-    if strided:
-        merged = [-1, xs[1]] + [blk * s for blk, s in zip(blocks, strides)]
-        canvas = b.op("Reshape", [canvas, b.const(np.array(merged, np.int64), "shape")])
-    size = [blk * s for blk, s in zip(blocks, strides)]
-    if any(begin) or any(sz != i for sz, i in zip(size, ins)):
-        starts = b.const(np.array(begin, np.int64), "starts")
-        ends = b.const(np.array([bg + i for bg, i in zip(begin, ins)], np.int64), "ends")
-        canvas = b.op("Slice", [canvas, starts, ends, axes])
-    return canvas
+            rest = b.op("Sub", [rest, g])
+    if dtype != onnx.TensorProto.FLOAT:
+        return _placed_sum(ctx, geometry, parts)
+    # [N C, K, O...] through a ConvTranspose whose kernel k holds a 1 at offset k: col2im
+    count = len(parts)
+    as_channel = b.const(np.array([-1, 1, *outs], np.int64), "shape")
+    stacked = b.op("Concat", [b.op("Reshape", [g, as_channel]) for _, g in parts], axis=1)
+    one_hot = ctx.const_like(x, np.eye(count).reshape([count, 1, *kernel]), "offset_kernel")
+    placed = conv_transpose_to(ctx, stacked, one_hot, 1, kernel, strides, dilations, begin, ins, outs)
+    return b.op("Reshape", [placed, b.const(np.array([-1, xs[1], *ins], np.int64), "shape")])
 
 
 def max_pool_one_hot(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
