@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from onnx.reference import ReferenceEvaluator
 
+from onnx_gradcam import UnsupportedOpError
 from onnx_gradcam.autodiff import registry
 from onnx_gradcam.autodiff.rules import pooling
 
@@ -104,3 +105,20 @@ def test_lrn_even_size_matches_finite_differences_in_float64(size: int) -> None:
         numeric[idx] = np.sum((_lrn_numpy(plus, *lrn) - _lrn_numpy(minus, *lrn)) * seed) / (2 * step)
     err = rel_err(got, numeric)
     assert err < 1e-8, f"LRN size {size}: relative error {err:.2e}"
+
+
+def test_maxpool_masks_on_a_dynamic_map_say_how_to_get_around() -> None:
+    x = np.zeros((1, 2, 7, 7))
+    case = Case("dynamic", [x_(x)], {"kernel_shape": [3, 3], "strides": [2, 2]}, opset=13, symbolic=(2, 3))
+    fwd = _forward_model("MaxPool", case)
+    with pytest.raises(
+        UnsupportedOpError, match=r"dynamic size .* below opset 16: to fix this, prepare with --opset 16"
+    ):
+        _gradient_model(fwd, "x", {"y0": np.zeros((1, 2, 3, 3))}, 13)
+    # at opset 16 the scatter-add needs no static size
+    _gradient_model(
+        _forward_model("MaxPool", Case("dynamic16", [x_(x)], case.attrs, opset=16, symbolic=(2, 3))),
+        "x",
+        {"y0": np.zeros((1, 2, 3, 3))},
+        16,
+    )

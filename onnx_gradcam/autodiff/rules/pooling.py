@@ -235,6 +235,12 @@ def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
     x, y = node.input[0], node.output[0]
     if ctx.opset < 11:
         raise ctx.unsupported(node, "overlapping windows below opset 11 (re-export at opset 11 or newer)")
+    if ctx.info.static_dims(x, 1) is None or ctx.info.static_dims(y, 1) is None:
+        raise ctx.unsupported(
+            node,
+            f"overlapping windows on an input of dynamic size {ctx.info.shape(x)} below opset 16: to fix this, "
+            "prepare with --opset 16 (opset=16 in Python) or export the model with a fixed input size",
+        )
     geometry = _pool_geometry(ctx, node)
     xs, ys, kernel, strides, dilations, begin, _ = geometry
     ins, outs = xs[2:], ys[2:]
