@@ -28,6 +28,7 @@ POOLS = {
     "sppf_k5s1p2": ((2, 3, 9, 9), {"kernel_size": 5, "stride": 1, "padding": 2}),
     "k3s2": ((2, 3, 9, 9), {"kernel_size": 3, "stride": 2}),
     "k3s2p1_dilated": ((1, 3, 11, 11), {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 2}),
+    "k3s2p1_ceil": ((1, 3, 8, 8), {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
     "pool1d_k3s1p1": ((2, 3, 11), {"kernel_size": 3, "stride": 1, "padding": 1}),
     "pool3d_k3s2p1": ((1, 2, 7, 7, 7), {"kernel_size": 3, "stride": 2, "padding": 1}),
 }
@@ -37,9 +38,19 @@ def _one_hot(ctx, node, dys, wrt):  # type: ignore[no-untyped-def]
     return [pooling.max_pool_one_hot(ctx, node, dys[0])]
 
 
-# (opset, the MaxPool rule): the registered rule below 16 (masks), at 16 (scatter-add), and the
-# one-hot product tools/bench_maxpool.py measures
-VARIANTS = {"masks_opset13": (13, None), "scatter_opset16": (16, None), "one_hot_opset13": (13, _one_hot)}
+def _all_axes(ctx, node, dys, wrt):  # type: ignore[no-untyped-def]
+    return [pooling.max_pool_masks(ctx, node, dys[0], separable=False)]
+
+
+# (opset, the MaxPool rule): the registered rule below 16 (masks, one axis at a time), at 16
+# (scatter-add), and what tools/bench_maxpool.py compares them with: the masks over all axes at
+# once (the rule's fallback) and the one-hot product
+VARIANTS = {
+    "masks_opset13": (13, None),
+    "scatter_opset16": (16, None),
+    "masks_all_axes_opset13": (13, _all_axes),
+    "one_hot_opset13": (13, _one_hot),
+}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])  # the masks' placement: Pads, a ConvTranspose
@@ -59,6 +70,7 @@ def test_maxpool_ties_count_once_like_torch(
         "strides": [kw["stride"]] * n,
         "pads": [kw.get("padding", 0)] * (2 * n),
         "dilations": [kw.get("dilation", 1)] * n,
+        "ceil_mode": int(kw.get("ceil_mode", False)),
     }
     fwd = _forward_model("MaxPool", Case(pool, [x_(x)], attrs, opset=opset, dtype=x.dtype))
     (y,) = cpu_session(fwd.SerializeToString()).run(None, {"x": x})

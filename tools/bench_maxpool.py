@@ -107,6 +107,7 @@ def measure(name: str, rounds: int, threads: int) -> str:
     shape, attrs, pools = MAPS[name]
     variants = {
         "(a) masks": (13, as_rule(pooling.max_pool_masks)),
+        "(a2) masks, all axes at once": (13, as_rule(lambda c, n, d: pooling.max_pool_masks(c, n, d, separable=False))),
         "(b) one-hot": (13, as_rule(pooling.max_pool_one_hot)),
         "(c) scatter-add, opset 16": (16, None),
     }

@@ -221,17 +221,12 @@ def _placed_sum(ctx: RuleContext, geometry: Geometry, parts: Sequence[tuple[list
     return canvas
 
 
-def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
-    """The MaxPool gradient from ops of opset 11: for each window offset j (row-major over the
-    kernel, the order in which torch and onnxruntime scan a window), T_j = the strided slice of
-    X padded with -inf that holds tap j of every window, and M_j = (T_j == Y) (a tie counts once,
-    at the first maximum, since R_j is 0 where an earlier tap matched):
-
-        G_j = R_j M_j,  R_{j+1} = R_j - G_j,  R_0 = dY;
-        dX = Σ_j place_j(G_j),  place_j: window o's value to X's position o s + j d - pad.
-
-    In float32 the placement is one ConvTranspose of the G_j stacked as channels with a one-hot
-    kernel (onnxruntime has no double ConvTranspose); otherwise one Pad each (`_placed_sum`)."""
+def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str, separable: bool = True) -> str:
+    """The MaxPool gradient from ops of opset 11, one equality mask per window offset
+    (`_masks_backward`). With `separable`, a window of several axes is taken one axis at a time,
+    the last first: max over (h, w) = max_h of max_w, and the first maximum in row-major order is
+    the first row holding the window's maximum, at its first column, so torch's and onnxruntime's
+    rule for ties holds; then k_1 + k_2 offsets instead of k_1 k_2 (SPPF's k5: 10, not 25)."""
     x, y = node.input[0], node.output[0]
     if ctx.opset < 11:
         raise ctx.unsupported(node, "overlapping windows below opset 11 (re-export at opset 11 or newer)")
@@ -242,17 +237,78 @@ def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
             "prepare with --opset 16 (opset=16 in Python) or export the model with a fixed input size",
         )
     geometry = _pool_geometry(ctx, node)
+    stages = _axis_stages(geometry) if separable else None
+    if stages is None or len(stages) < 2:
+        return _masks_backward(ctx, x, x, y, dy, geometry)
+    # the maxima over the last axes, innermost first; the last stage's output is Y itself
+    inputs = [x]
+    for stage in stages[:-1]:
+        _, _, kernel, strides, dilations, begin, end = stage
+        pooled = ctx.b.op(
+            "MaxPool",
+            [inputs[-1]],
+            hint="maxpool_axis",
+            kernel_shape=kernel,
+            strides=strides,
+            dilations=dilations,
+            pads=begin + end,
+        )
+        inputs.append(pooled)
+    outputs = [*inputs[1:], y]
+    for stage, z_in, z_out in reversed(list(zip(stages, inputs, outputs, strict=True))):
+        dy = _masks_backward(ctx, x, z_in, z_out, dy, stage)
+    return dy
+
+
+def _axis_stages(geometry: Geometry) -> list[Geometry] | None:
+    """The pooling as one pooling per spatial axis that pools (the last axis first), each with
+    explicit pads that give its output size without ceil_mode; None where a pad would reach a
+    whole kernel (onnxruntime refuses such a MaxPool)."""
+    xs, ys, kernel, strides, dilations, begin, _ = geometry
+    n = len(kernel)
+    stages: list[Geometry] = []
+    dims = list(xs)
+    for a in reversed(range(n)):
+        i, o, k, s, d, bg = xs[2 + a], ys[2 + a], kernel[a], strides[a], dilations[a], begin[a]
+        if (k, s, bg) == (1, 1, 0) and i == o:
+            continue
+        end = max((o - 1) * s + (k - 1) * d + 1 - i - bg, 0)
+        if bg >= k or end >= k or (i + bg + end - (k - 1) * d - 1) // s + 1 != o:
+            return None
+        one, zero = [1] * n, [0] * n
+        stage_in = tuple(dims)
+        dims[2 + a] = o
+        pads_b, pads_e = list(zero), list(zero)
+        pads_b[a], pads_e[a] = bg, end
+        k_a, s_a, d_a = list(one), list(one), list(one)
+        k_a[a], s_a[a], d_a[a] = k, s, d
+        stages.append((stage_in, tuple(dims), k_a, s_a, d_a, pads_b, pads_e))
+    return stages
+
+
+def _masks_backward(ctx: RuleContext, x: str, z: str, y: str, dy: str, geometry: Geometry) -> str:
+    """dZ for Y = MaxPool(Z) of `geometry` (x: the rule's input, for element types): for each window
+    offset j (row-major over the kernel, the order in which torch and onnxruntime scan a window),
+    T_j = the strided slice of Z padded with -inf that holds tap j of every window, and
+    M_j = (T_j == Y) (a tie counts once, at the first maximum, since R_j is 0 where an earlier tap
+    matched):
+
+        G_j = R_j M_j,  R_{j+1} = R_j - G_j,  R_0 = dY;
+        dZ = Σ_j place_j(G_j),  place_j: window o's value to Z's position o s + j d - pad.
+
+    In float32 the placement is one ConvTranspose of the G_j stacked as channels with a one-hot
+    kernel (onnxruntime has no double ConvTranspose); otherwise one Pad each (`_placed_sum`)."""
     xs, ys, kernel, strides, dilations, begin, _ = geometry
     ins, outs = xs[2:], ys[2:]
     b = ctx.b
     axes = b.const(np.arange(2, 2 + len(ins), dtype=np.int64), "axes")
-    # X padded to span every window: -inf never equals a maximum
+    # Z padded to span every window: -inf never equals a maximum
     span = [(o - 1) * s + (k - 1) * d + 1 for o, k, s, d in zip(outs, kernel, strides, dilations)]
     tail = [max(p - bg - i, 0) for p, bg, i in zip(span, begin, ins)]
-    xp = x
+    zp = z
     if any(begin) or any(tail):
         pads = b.const(np.array([0, 0, *begin, 0, 0, *tail], np.int64), "pads")
-        xp = b.op("Pad", [x, pads, ctx.scalar_like(x, -np.inf)])
+        zp = b.op("Pad", [z, pads, ctx.scalar_like(x, -np.inf)])
     steps = b.const(np.array(strides, np.int64), "steps")
     dtype = ctx.info.grad_dtype(x)
     rest, parts = dy, []
@@ -260,7 +316,7 @@ def max_pool_masks(ctx: RuleContext, node: onnx.NodeProto, dy: str) -> str:
     for t, first in enumerate(offsets):
         last = [f + (o - 1) * s + 1 for f, o, s in zip(first, outs, strides)]
         starts, ends = b.const(np.array(first, np.int64), "starts"), b.const(np.array(last, np.int64), "ends")
-        mask = b.op("Equal", [b.op("Slice", [xp, starts, ends, axes, steps]), y])
+        mask = b.op("Equal", [b.op("Slice", [zp, starts, ends, axes, steps]), y])
         g = b.op("Mul", [rest, b.op("Cast", [mask], to=dtype)])  # Mul and Sub: faster than Where
         parts.append((first, g))
         if t + 1 < len(offsets):
