@@ -1,5 +1,6 @@
 """MaxPool's gradient on tied maxima against torch (a tie counts once, at the first maximum), for
-each way the engine builds it; LRN with an even size (which onnxruntime refuses) in float64.
+each way the engine builds it and in a float16 graph; LRN with an even size (which onnxruntime
+refuses) in float64.
 
 Finite differences cannot see ties (the max is not differentiable there), so tests/rule_cases.py
 uses distinct values; here integer-valued inputs tie in almost every window.
@@ -10,16 +11,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_gradcam import UnsupportedOpError
 from onnx_gradcam.autodiff import registry
+from onnx_gradcam.autodiff.backprop import backprop
+from onnx_gradcam.autodiff.builder import GraphBuilder
+from onnx_gradcam.autodiff.context import RuleContext, TensorInfo
 from onnx_gradcam.autodiff.rules import pooling
 
 from .conftest import cpu_session, rel_err
 from .rule_cases import Case, rnd, x_
-from .test_rules import _forward_model, _gradient_model
+from .test_rules import _forward_model, _gradient_model, _inferred
 
 torch = pytest.importorskip("torch")
 
@@ -134,3 +140,31 @@ def test_maxpool_masks_on_a_dynamic_map_say_how_to_get_around() -> None:
         {"y0": np.zeros((1, 2, 3, 3))},
         16,
     )
+
+
+@pytest.mark.parametrize("pool", ["k3s2", "sppf_k5s1p2"])
+def test_maxpool_masks_in_a_float16_graph_count_ties_like_torch(pool: str) -> None:
+    """A float16 graph's gradient is computed in float32 behind Casts (as prepare does it): the
+    masks compare float32 casts of float16 values, exact, so ties still count once."""
+    shape, kw = POOLS[pool]
+    x = np.random.RandomState(0).randint(0, 3, shape).astype(np.float16)
+    attrs = {"kernel_shape": [kw["kernel_size"]] * 2, "strides": [kw["stride"]] * 2, "pads": [kw.get("padding", 0)] * 4}
+    fwd = _forward_model("MaxPool", Case(pool, [x_(x)], attrs, opset=13, dtype=np.float16))
+    (y,) = cpu_session(fwd.SerializeToString()).run(None, {"x": x})
+    seed = np.random.RandomState(1).uniform(0.5, 1.5, y.shape).astype(np.float32)
+    info = TensorInfo(_inferred(fwd).graph, constants_from=fwd.graph)
+    b = GraphBuilder(13, {"x", "y0", "seed"})
+    b.cast_on_read(info.compute_in_float32(), TensorProto.FLOAT)
+    dx = backprop(RuleContext(b, info), list(fwd.graph.node), "x", {"y0": "seed"})
+    model = onnx.ModelProto()
+    model.CopyFrom(fwd)
+    model.graph.node.extend(b.nodes)
+    model.graph.initializer.extend(b.initializers)
+    model.graph.input.append(helper.make_tensor_value_info("seed", TensorProto.FLOAT, list(y.shape)))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(dx, TensorProto.FLOAT, None))
+    (got,) = cpu_session(model.SerializeToString()).run(None, {"x": x, "seed": seed})
+    xt = torch.from_numpy(x.astype(np.float32)).requires_grad_(True)
+    (torch.nn.functional.max_pool2d(xt, **kw) * torch.from_numpy(seed)).sum().backward()
+    assert got.dtype == np.float32
+    assert rel_err(got, xt.grad.numpy()) < 1e-6
