@@ -140,7 +140,8 @@ def average_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | Non
 def max_pool(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = window max of X:  dX[i] = Σ_o dY[o] [i is the first arg-max of window o] (first maximum
     wins, as in torch and onnxruntime): from opset 16 a scatter-add through the Indices output of a
-    twin MaxPool; below, where windows overlap, one equality mask per window offset."""
+    twin MaxPool; below, where windows overlap, one equality mask per window offset, one axis at a
+    time (see max_pool_masks)."""
     dy = dys[0]
     assert dy is not None
     a = ctx.attrs(node)
