@@ -807,3 +807,129 @@ INT8_CASES: dict[str, list[Case]] = {
     ],
 }
 CASES.update(INT8_CASES)
+
+
+# -- rules-b: normalisations over the sample, depth <-> space, Col2Im, TopK (issue 12) --------
+# onnxruntime has no double kernel for InstanceNormalization, MeanVarianceNormalization, Col2Im
+# (and the Conv its gradient uses): float32 cases there.
+
+
+def _scale_bias(count: int, seed: int) -> list[tuple[str, Any, bool]]:
+    return [x_(rnd(count, seed=seed, lo=0.5, hi=1.5), "s"), x_(rnd(count, seed=seed + 1), "b")]
+
+
+RULES_B_CASES: dict[str, list[Case]] = {
+    "InstanceNormalization": [
+        Case("rank4", [x_(rnd(2, 3, 4, 5)), *_scale_bias(3, 1)], wrt=("x", "s", "b"), dtype=F32),
+        Case(
+            "rank3_epsilon_opset11",
+            [x_(rnd(2, 4, 6)), *_scale_bias(4, 2)],
+            attrs={"epsilon": 1e-2},
+            wrt=("x", "s", "b"),
+            opset=11,
+            dtype=F32,
+        ),
+        Case(
+            "rank5_symbolic",
+            [x_(rnd(1, 2, 3, 2, 3)), c_("s", rnd(2, seed=3)), c_("b", rnd(2, seed=4))],
+            symbolic=(0,),
+            dtype=F32,
+        ),
+    ],
+    "GroupNormalization": [
+        # opset 18: scale and bias per group
+        Case(
+            "opset18_per_group",
+            [x_(rnd(2, 6, 3, 3)), *_scale_bias(3, 5)],
+            attrs={"num_groups": 3},
+            wrt=("x", "s", "b"),
+            opset=18,
+        ),
+        Case(
+            "opset18_one_group_epsilon_rank3",
+            [x_(rnd(2, 4, 5)), *_scale_bias(1, 6)],
+            attrs={"num_groups": 1, "epsilon": 1e-2},
+            wrt=("x", "s", "b"),
+            opset=18,
+        ),
+        # opset 21: scale and bias per channel
+        Case(
+            "opset21_per_channel",
+            [x_(rnd(2, 6, 3, 3)), *_scale_bias(6, 7)],
+            attrs={"num_groups": 2, "stash_type": 11},
+            wrt=("x", "s", "b"),
+            opset=21,
+        ),
+        Case(
+            "opset21_group_per_channel_rank5_symbolic",
+            [x_(rnd(2, 4, 2, 2, 3)), c_("s", rnd(4, seed=8)), c_("b", rnd(4, seed=9))],
+            attrs={"num_groups": 4, "epsilon": 1e-3, "stash_type": 11},
+            opset=21,
+            symbolic=(0,),
+        ),
+        Case(
+            "opset21_stash_float32",
+            [x_(rnd(2, 6, 3, 3).astype(F32)), *_scale_bias(6, 10)],
+            attrs={"num_groups": 3},
+            wrt=("x", "s", "b"),
+            opset=21,
+            dtype=F32,
+        ),
+    ],
+    "MeanVarianceNormalization": [
+        # (onnx's strict shape inference cannot expand the function without its axes: the default,
+        # [0, 2, 3], is spelled out; tests/test_ops_rules_b.py runs the rule without it)
+        Case("axes_0_2_3", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [0, 2, 3]}, opset=13, dtype=F32),
+        Case("axes_spatial_opset11", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [2, 3]}, opset=11, dtype=F32),
+        Case("axes_negative_rank3_opset18", [x_(rnd(2, 5, 6))], attrs={"axes": [-1]}, opset=18, dtype=F32),
+        Case("axes_channels", [x_(rnd(2, 6, 3))], attrs={"axes": [1]}, opset=17, dtype=F32),
+    ],
+    "DepthToSpace": [
+        Case("dcr_default_opset9", [x_(rnd(2, 8, 2, 3))], attrs={"blocksize": 2}, opset=9),
+        Case("dcr_opset11", [x_(rnd(1, 9, 2, 2))], attrs={"blocksize": 3, "mode": "DCR"}, opset=11),
+        Case("crd_opset11", [x_(rnd(2, 8, 2, 3))], attrs={"blocksize": 2, "mode": "CRD"}, opset=11),
+        Case(
+            "crd_blocksize3_symbolic", [x_(rnd(2, 18, 2, 2))], attrs={"blocksize": 3, "mode": "CRD"}, symbolic=(0, 2, 3)
+        ),
+    ],
+    "SpaceToDepth": [
+        Case("blocksize2_opset11", [x_(rnd(2, 3, 4, 6))], attrs={"blocksize": 2}, opset=11),
+        Case("blocksize3_symbolic", [x_(rnd(1, 2, 6, 3))], attrs={"blocksize": 3}, symbolic=(0, 2, 3)),
+    ],
+    "Col2Im": [
+        Case(
+            "plain",
+            [x_(rnd(2, 2 * 4, 9)), c_("image_shape", i64(4, 4)), c_("block_shape", i64(2, 2))],
+            opset=18,
+            dtype=F32,
+        ),
+        Case(
+            "strides_pads_dilations",
+            [x_(rnd(2, 3 * 6, 9)), c_("image_shape", i64(5, 6)), c_("block_shape", i64(2, 3))],
+            attrs={"strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 2]},
+            opset=18,
+            dtype=F32,
+            symbolic=(0,),
+        ),
+        Case(
+            "one_dimensional",
+            [x_(rnd(1, 2 * 3, 4)), c_("image_shape", i64(9)), c_("block_shape", i64(3))],
+            attrs={"strides": [2], "pads": [0, 1]},
+            opset=21,
+            dtype=F32,
+        ),
+    ],
+    "TopK": [
+        Case("last_axis", [x_(distinct(2, 3, 6)), c_("k", i64(3))], outputs=2, opset=11, dtype=F32),
+        Case(
+            "axis1_smallest_unsorted",
+            [x_(distinct(2, 5, 3)), c_("k", i64(2))],
+            attrs={"axis": 1, "largest": 0, "sorted": 0},
+            outputs=2,
+            opset=11,
+        ),
+        Case("opset10", [x_(distinct(3, 5)), c_("k", i64(2))], outputs=2, opset=10, dtype=F32),
+    ],
+}
+CASES.update(RULES_B_CASES)
+# -- end rules-b ---------------------------------------------------------------------------

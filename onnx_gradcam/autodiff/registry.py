@@ -15,6 +15,7 @@ from .context import RuleContext
 from .rules import (
     activations,
     elementwise,
+    fold,
     linear,
     normalization,
     pooling,
@@ -102,6 +103,20 @@ RULES: dict[str, Rule] = {
     "com.microsoft.QLinearSoftmax": quantization.qlinear_softmax,
 }
 
+# -- rules-b: normalisations over the sample, depth <-> space, Col2Im, TopK (issue 12) --------
+RULES.update(
+    {
+        "InstanceNormalization": normalization.instance_norm,
+        "GroupNormalization": normalization.group_norm,
+        "MeanVarianceNormalization": normalization.mean_variance_norm,
+        "DepthToSpace": shape.depth_to_space,
+        "SpaceToDepth": shape.space_to_depth,
+        "Col2Im": fold.col2im,
+        "TopK": shape.top_k,
+    }
+)
+# -- end rules-b ---------------------------------------------------------------------------
+
 # Inputs that carry gradient, where not all of them do. Ops listed with () carry none:
 # their outputs are shapes, indices or booleans, constants as far as gradients go.
 _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {
@@ -170,6 +185,9 @@ _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {
     "com.microsoft.QLinearLeakyRelu": (0,),
     "com.microsoft.QLinearSoftmax": (0,),
 }
+# -- rules-b: Col2Im's image and block shapes are shapes -----------------------------------
+_DIFFERENTIABLE["Col2Im"] = (0,)
+# -- end rules-b ---------------------------------------------------------------------------
 
 
 def rule_key(node: onnx.NodeProto) -> str:

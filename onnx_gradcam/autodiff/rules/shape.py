@@ -243,3 +243,60 @@ def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: 
     if any(back):
         g = b.op("Pad", [g, b.const(np.array(back, np.int64), "pads")])
     return [g] + [None] * (len(node.input) - 1)
+
+
+# -- depth <-> space, top-k ---------------------------------------------------------------
+
+
+def _mode(ctx: RuleContext, node: onnx.NodeProto) -> str:
+    mode = ctx.attrs(node).get("mode", b"DCR")
+    return mode.decode() if isinstance(mode, bytes) else str(mode)
+
+
+def depth_to_space(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = DepthToSpace(X, b), a permutation of X's elements:  dX = SpaceToDepth(dY, b) in mode
+    DCR (its exact inverse); in mode CRD the channels of that come in the order (i, j, c) and are
+    put back in X's order (c, i, j) by a Gather along axis 1."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    block = int(ctx.attrs(node)["blocksize"])
+    mode = _mode(ctx, node)
+    if mode not in ("DCR", "CRD"):
+        raise ctx.unsupported(node, f"mode={mode!r}")
+    b = ctx.b
+    dx = b.op("SpaceToDepth", [dy], blocksize=block)  # channel (i * b + j) * C' + c
+    if mode == "CRD":
+        shape = ctx.info.shape(x)
+        channels = shape[1] if shape is not None and len(shape) == 4 else None
+        if not isinstance(channels, int):
+            raise ctx.unsupported(node, "mode='CRD' with a channel count unknown at prepare time")
+        inner = channels // (block * block)
+        order = [(ij * inner) + c for c in range(inner) for ij in range(block * block)]  # X's channel c*b*b + ij
+        dx = b.op("Gather", [dx, b.const(np.array(order, np.int64), "channels")], axis=1)
+    return [dx]
+
+
+def space_to_depth(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = SpaceToDepth(X, b), a permutation of X's elements:  dX = DepthToSpace(dY, b, mode DCR),
+    its exact inverse."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.b.op("DepthToSpace", [dy], blocksize=int(ctx.attrs(node)["blocksize"]))]
+
+
+def top_k(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Values, Indices = TopK(X, K, axis):  dX = zeros shaped like X with dValues scattered to
+    Indices along axis (each index is picked once per slice; the Indices output carries no
+    gradient, whatever `largest` and `sorted` say)."""
+    dy = dys[0]
+    if dy is None:  # only the indices are used downstream: an integer output, no gradient
+        raise ctx.unsupported(node, "a gradient through its Indices output, which is an integer index")
+    x = node.input[0]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", -1)), rank)
+    scatter = "ScatterElements" if ctx.opset >= 11 else "Scatter"  # the same op, renamed at opset 11
+    dx = ctx.b.op(scatter, [ctx.zeros_like(x), node.output[1], dy], axis=axis)
+    return [dx] + [None] * (len(node.input) - 1)
