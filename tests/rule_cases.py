@@ -932,4 +932,15 @@ RULES_B_CASES: dict[str, list[Case]] = {
     ],
 }
 CASES.update(RULES_B_CASES)
+# Gather with indices the model computes (TopK's, ArgMax's): a one-hot built at run time
+CASES["Gather"] = CASES["Gather"] + [
+    Case("run_time_indices_2d_negative", [x_(rnd(3, 4, 2)), x_(np.array([[2, 0], [2, -1]]), "idx")], attrs={"axis": 1}),
+    Case("run_time_indices_1d_opset11", [x_(rnd(5, 3)), x_(np.array([4, 1, 4], np.int32), "idx")], opset=11),
+    Case(
+        "run_time_scalar_index_symbolic",
+        [x_(rnd(2, 3, 4)), x_(np.array(-2), "idx")],
+        attrs={"axis": 2},
+        symbolic=(0,),
+    ),
+]
 # -- end rules-b ---------------------------------------------------------------------------

@@ -493,22 +493,26 @@ def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -
         )
     fwd = forward_reachable(nodes, [feature])
     ancestors = backward_plain(nodes, reduction)
+    # a node that reads the feature's descendants and writes the score's ancestors without
+    # passing gradient along that output (ArgMax, Round, NonMaxSuppression, TopK's Indices, ...)
     blockers = [
-        n
+        (n, dead)
         for n in nodes
-        if n.output
-        and any(o in ancestors for o in n.output)
-        and any(i in fwd for i in n.input)
-        and not any(o in fwd for o in n.output if o)
+        if any(i in fwd for i in n.input) and (dead := [o for o in n.output if o and o in ancestors and o not in fwd])
     ]
-    node = blockers[-1] if blockers else None  # the one nearest the score
-    before = [i for i in (node.input if node is not None else []) if i in fwd]
-    where = (
-        f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
-    )
+    if not blockers:
+        raise LayerNotFoundError(
+            f"the reduction tensor {reduction!r} does not depend differentiably on the feature tensor {feature!r}: "
+            "to fix this, choose a reduction tensor that does with --reduction-layer (see `onnx-gradcam layers MODEL`)"
+        )
+    node, dead = blockers[-1]  # the one nearest the score
+    # the tensors nearest before it that carry gradient: its other outputs (TopK's Values), its inputs
+    usable = [o for o in node.output if o in fwd] + [i for i in node.input if i in fwd]
+    via = f", output {dead[0]!r}" if len(node.output) > 1 else ""
+    where = f"op {node.op_type!r} (node {node.name or node.output[0]!r}{via})"
     raise LayerNotFoundError(
         f"the reduction tensor {reduction!r} lies after {where}, which passes no gradient: to fix this, choose "
-        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in before[:3])}"
+        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in usable[:3])}"
     )
 
 

@@ -131,6 +131,8 @@ def prepare_model(
                 "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
             )
     if info.dtype(reduction) not in FLOAT_TYPES:
+        for feature in features:  # an integer score after ArgMax, TopK's Indices, NMS: name that op
+            layers.check_differentiable(graph, feature, reduction)
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} is an integer (quantized) tensor: to fix this, name the float "
             "tensor dequantized from it with --reduction-layer"

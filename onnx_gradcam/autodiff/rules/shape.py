@@ -166,18 +166,21 @@ def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axi
 
 
 def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = take(X, idx, axis), idx constant:  dX = dY contracted with one-hot(idx) along axis
-    (repeated indices add up). The one-hot matrix is a constant where X's size along axis is
-    known, else built at run time: onehot[k, j] = (idx[k] mod size == j), j = 0..size-1."""
+    """Y = take(X, idx, axis):  dX = dY contracted with one-hot(idx) along axis (repeated
+    indices add up). The one-hot matrix is a constant where idx is one and X's size along axis
+    is known, else built at run time: onehot[k, j] = (idx[k] mod size == j), j = 0..size-1
+    (indices computed by the model, such as TopK's, carry no gradient themselves)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
     rank = ctx.info.rank(x)
     if rank is None:
         raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    if ctx.info.const(node.input[1]) is None and node.input[1] not in ctx.info.folded:
+        return [_gather_run_time(ctx, node, dy, axis, rank), None]
     idx = ctx.const_input(node, 1)
     assert idx is not None
-    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
     shape = ctx.info.shape(x)
     dim = shape[axis] if shape is not None else None
     b = ctx.b
@@ -198,17 +201,47 @@ def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     return [contract_axis_with(ctx, g, _run_time_onehot(ctx, idx.reshape(-1), x, axis), axis, rank), None]
 
 
-def _run_time_onehot(ctx: RuleContext, idx: np.ndarray, x: str, axis: int) -> str:
-    """[len(idx), size] with onehot[k, j] = (idx[k] mod size == j), size = X's size along axis
-    at run time (a negative index counts from the end, as Gather reads it)."""
+def _gather_run_time(ctx: RuleContext, node: onnx.NodeProto, dy: str, axis: int, rank: int) -> str:
+    """Gather's dX for indices computed at run time: dY with the index axes collapsed into one,
+    contracted with the one-hot of the flattened indices."""
+    x, indices = node.input[0], node.input[1]
+    idx_rank = ctx.info.rank(indices)
+    yshape = ctx.info.shape(node.output[0])
+    if idx_rank is None or yshape is None:
+        raise ctx.unsupported(node, "indices computed at run time, of unknown rank or output shape")
+    b = ctx.b
+    g = dy
+    if idx_rank == 0:
+        g = b.unsqueeze(g, [axis])
+    elif idx_rank > 1:
+        after = yshape[axis + idx_rank :]
+        if not all(isinstance(d, int) for d in after):
+            raise ctx.unsupported(node, f"indices computed at run time, then output axes of unknown size {after}")
+        before = [d if isinstance(d, int) else 0 for d in yshape[:axis]]  # 0: Reshape copies that axis
+        g = b.op("Reshape", [g, b.const(np.array([*before, -1, *after], np.int64), "shape")])
+    flat = b.op("Reshape", [indices, b.const(np.array([-1, 1], np.int64), "shape")])
+    if ctx.info.dtype(indices) != onnx.TensorProto.INT64:
+        flat = b.op("Cast", [flat], to=onnx.TensorProto.INT64)
+    return contract_axis_with(ctx, g, _onehot_of(ctx, flat, x, axis, wrap=True), axis, rank)
+
+
+def _onehot_of(ctx: RuleContext, picked: str, x: str, axis: int, wrap: bool) -> str:
+    """[k, size] with onehot[i, j] = (picked[i] == j) for int64 indices [k, 1], size = X's size
+    along axis at run time; with `wrap`, negative indices count from the end (picked mod size)."""
     b = ctx.b
     size = b.shape_of(x, axis, axis + 1)  # [1]
-    picked = b.const(idx.astype(np.int64).reshape(-1, 1), "indices")  # [k, 1]
-    if (idx < 0).any():
+    if wrap:
         picked = b.op("Mod", [b.op("Add", [picked, size]), size])
     zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
     positions = b.op("Range", [zero, b.squeeze(size, [0]), one])  # [size]
     return b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
+
+
+def _run_time_onehot(ctx: RuleContext, idx: np.ndarray, x: str, axis: int) -> str:
+    """[len(idx), size] with onehot[k, j] = (idx[k] mod size == j), size = X's size along axis
+    at run time (a negative index counts from the end, as Gather reads it)."""
+    picked = ctx.b.const(idx.astype(np.int64).reshape(-1, 1), "indices")  # [k, 1]
+    return _onehot_of(ctx, picked, x, axis, wrap=bool((idx < 0).any()))
 
 
 def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
