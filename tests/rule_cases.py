@@ -877,8 +877,8 @@ RULES_B_CASES: dict[str, list[Case]] = {
         ),
     ],
     "MeanVarianceNormalization": [
-        # (onnx's strict shape inference cannot expand the function without its axes: the default,
-        # [0, 2, 3], is spelled out; tests/test_ops_rules_b.py runs the rule without it)
+        # (onnx's full check cannot expand the function without its axes: here the default,
+        # [0, 2, 3], is spelled out; tests/test_op_coverage.py prepares a model that leaves it out)
         Case("axes_0_2_3", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [0, 2, 3]}, opset=13, dtype=F32),
         Case("axes_spatial_opset11", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [2, 3]}, opset=11, dtype=F32),
         Case("axes_negative_rank3_opset18", [x_(rnd(2, 5, 6))], attrs={"axes": [-1]}, opset=18, dtype=F32),

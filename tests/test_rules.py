@@ -70,7 +70,7 @@ def _typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     inferred = _inferred(model)
     known = {vi.name: vi for vi in inferred.graph.value_info}
     known.update({vi.name: vi for vi in inferred.graph.output if vi.type.HasField("tensor_type")})
-    outs = [known.get(o.name, o) for o in model.graph.output]  # onnx infers no GroupNormalization output
+    outs = [known[o.name] for o in model.graph.output]
     del model.graph.output[:]
     model.graph.output.extend(outs)
     return model

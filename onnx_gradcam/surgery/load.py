@@ -59,10 +59,34 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
             f"the model has opset {opset} and onnx's version converter could not upgrade it to opset "
             f"{MIN_OPSET} ({exc}): to fix this, re-export the model at opset {MIN_OPSET} or newer"
         ) from exc
-    for node in converted.graph.node:
-        if node.op_type == "Resize" and node.output[0] in resizes:
-            _set_attributes(node, resizes[node.output[0]])
+    if resizes:
+        _restore_resizes(converted, resizes)
     return converted
+
+
+def _restore_resizes(converted: onnx.ModelProto, resizes: dict[str, dict[str, str]]) -> None:
+    """Give the converted Resize nodes (in the order of their sources) their opset-10 attributes
+    back, and their outputs the source's names (the converter renames them '_v_N')."""
+    nodes = [n for n in converted.graph.node if n.op_type == "Resize" and n.domain in ("", "ai.onnx")]
+    if len(nodes) != len(resizes):
+        raise OnnxGradCamError(
+            f"onnx's version converter turned {len(resizes)} Upsample/Resize nodes into {len(nodes)} Resize nodes: "
+            f"to fix this, re-export the model at opset {MIN_OPSET} or newer"
+        )
+    taken = {o for n in converted.graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    for node, (name, attrs) in zip(nodes, resizes.items(), strict=True):
+        _set_attributes(node, attrs)
+        if node.output[0] != name and name not in taken:
+            renamed[node.output[0]] = name
+            node.output[0] = name
+    for node in converted.graph.node:
+        for i, v in enumerate(node.input):
+            if v in renamed:
+                node.input[i] = renamed[v]
+    for vi in [*converted.graph.output, *converted.graph.value_info]:
+        if vi.name in renamed:
+            vi.name = renamed[vi.name]
 
 
 def _opset10_resizes(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
