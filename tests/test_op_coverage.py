@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gradcam import LayerNotFoundError, prepare
+from onnx_gradcam import LayerNotFoundError, UnsupportedOpError, prepare
 
 from .conftest import cpu_session, rel_err
 
@@ -285,6 +285,12 @@ HEADS = {
         "the reduction tensor 'kept' lies after op 'NonMaxSuppression' (node 'nms'), which passes no gradient: to "
         "fix this, choose a reduction tensor before it with --reduction-layer, e.g. 'boxes', 'scores'",
     ),
+    "hardmax": (
+        [helper.make_node("Hardmax", ["raw"], ["one_hot"], axis=-1, name="hardmax")],
+        [("one_hot", TensorProto.FLOAT)],
+        "the reduction tensor 'one_hot' lies after op 'Hardmax' (node 'hardmax'), which passes no gradient: to fix "
+        "this, choose a reduction tensor before it with --reduction-layer, e.g. 'raw'",
+    ),
     "round": (
         [helper.make_node("Round", ["raw"], ["rounded"], name="round")],
         [("rounded", TensorProto.FLOAT)],
@@ -340,3 +346,20 @@ def test_topk_values_and_the_boxes_they_pick_equal_autograd(tmp_path: Path, reco
         err = rel_err(got["gradcam_gradient"], feat.grad.numpy())
         record_property(f"{reduction}:relative_error", f"{err:.2e}")
         assert err < EXACT, f"{reduction}: relative error {err:.2e}"
+
+
+def test_op_without_a_rule_names_the_tensors_before_it_as_scores(tmp_path: Path) -> None:
+    """An op with no rule between the feature and the score (Sin, as in test_prepare): the error
+    names it and offers, besides feature layers after it, the tensors before it that carry gradient."""
+    tail = [
+        helper.make_node("Sin", ["raw"], ["odd"], name="sine"),
+        helper.make_node("Mul", ["odd", "raw"], ["score"], name="mul"),
+    ]
+    src = detector(tail, [("score", TensorProto.FLOAT)], tmp_path / "sine.onnx")
+    with pytest.raises(UnsupportedOpError) as err:
+        prepare(src, tmp_path / "x.onnx", target="seed", reduction_layer="score", feature_layer="feat")
+    assert str(err.value) == (
+        "no gradient rule for op 'Sin' (node 'sine', opset 17); to fix this, choose a feature layer nearer "
+        "the output with --feature-layer, or explain a tensor before it with --target seed --reduction-layer, "
+        "e.g. 'raw'"
+    )

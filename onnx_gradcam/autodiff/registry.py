@@ -185,8 +185,29 @@ _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {
     "com.microsoft.QLinearLeakyRelu": (0,),
     "com.microsoft.QLinearSoftmax": (0,),
 }
-# -- rules-b: Col2Im's image and block shapes are shapes -----------------------------------
+# -- rules-b: Col2Im's image and block shapes are shapes; ops whose outputs are piecewise
+# constant (Hardmax), booleans, integers or random carry no gradient: a score after one of them
+# is an error that names it (surgery/layers.py::check_differentiable)
 _DIFFERENTIABLE["Col2Im"] = (0,)
+_DIFFERENTIABLE.update(
+    dict.fromkeys(
+        (
+            "Hardmax",
+            "IsNaN",
+            "IsInf",
+            "BitShift",
+            "BitwiseAnd",
+            "BitwiseOr",
+            "BitwiseXor",
+            "BitwiseNot",
+            "RandomNormal",
+            "RandomUniform",
+            "Multinomial",
+            "Bernoulli",
+        ),
+        (),
+    )
+)
 # -- end rules-b ---------------------------------------------------------------------------
 
 

@@ -474,6 +474,21 @@ def downstream_candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: s
     return [c.name for c in reversed(candidates(graph, info, reduction)) if c.name in later and c.dominates]
 
 
+def scores_before(graph: onnx.GraphProto, info: TensorInfo, node_name: str, features: list[str]) -> list[str]:
+    """The float inputs of the node named `node_name` (or writing that tensor) that depend
+    differentiably on every feature tensor: scores the gradient can start from, before that node."""
+    nodes = list(graph.node)
+    node = next((n for n in nodes if n.name == node_name or (n.output and n.output[0] == node_name)), None)
+    if node is None:
+        return []
+    reach = [forward_reachable(nodes, [f]) for f in features]
+    return [
+        i
+        for i in dict.fromkeys(node.input)
+        if i and info.dtype(i) in _FLOAT_TYPES and all(i in r for r in reach) and i not in features
+    ]
+
+
 def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -> None:
     """An error naming the non-differentiable op (NMS, TopK indices, ArgMax, ...) between the
     feature tensor and the reduction tensor, and the tensors before it, when the score cannot

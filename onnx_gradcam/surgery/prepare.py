@@ -177,7 +177,8 @@ def prepare_model(
         outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, target_input)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
-        raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
+        later = layers.downstream_candidates(graph, info, reduction, after)
+        raise err.with_alternatives(later, layers.scores_before(graph, info, err.node_name, features)) from None
 
     renamed: dict[str, str] = {}
     produced = {o for node in b.nodes for o in node.output}
