@@ -14,7 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gradcam import LayerNotFoundError, UnsupportedOpError, prepare
+from onnx_gradcam import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError, prepare
+from onnx_gradcam.surgery.load import upgrade_opset
 
 from .conftest import cpu_session, rel_err
 
@@ -237,6 +238,55 @@ def test_upsample_model_below_opset_11_equals_autograd(opset: int, mode: str, tm
     err = rel_err(got["gradcam_gradient"], class_gradient(feat, logits, classes))
     record_property("relative_error", f"{err:.2e}")
     assert err < EXACT, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("op", "opset", "mode", "scales"),
+    [
+        ("Upsample", 9, "nearest", [1, 1, 1.25, 1.75]),  # half_pixel rounding would pick other pixels
+        ("Upsample", 9, "linear", [1, 1, 2, 3]),
+        ("Resize", 10, "nearest", [1, 1, 0.6, 0.7]),  # downsampling: the ceiling
+        ("Resize", 10, "nearest", None),  # scales at run time (an input here): taken to upsample
+        ("Resize", 10, "linear", [1, 1, 0.6, 1.7]),
+    ],
+)
+def test_upgrade_keeps_what_opset_10_resizing_computes(op: str, opset: int, mode: str, scales: list | None) -> None:  # type: ignore[type-arg]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 8])]
+    inits = []
+    if scales is None:
+        inputs.append(helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4]))
+    else:
+        inits.append(numpy_helper.from_array(np.array(scales, np.float32), "scales"))
+    node = helper.make_node(op, ["x", "scales"], ["resized"], mode=mode)
+    after = helper.make_node("Neg", ["resized"], ["y"])  # an inner tensor keeps its name
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node, after], "r", inputs, [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 5
+    upgraded = upgrade_opset(model)
+    assert [n.output[0] for n in upgraded.graph.node if n.op_type == "Resize"] == ["resized"]
+    upgraded.ir_version = 7
+    feeds = {"x": np.random.RandomState(0).rand(1, 2, 7, 8).astype(np.float32)}
+    if scales is None:
+        feeds["scales"] = np.array([1, 1, 1.25, 1.75], np.float32)
+    want = cpu_session(model.SerializeToString()).run(None, feeds)[0]
+    got = cpu_session(upgraded.SerializeToString()).run(None, feeds)[0]
+    assert got.shape == want.shape
+    assert np.array_equal(got, want), f"moved by up to {np.abs(got - want).max():.3g}"
+
+
+def test_opset_10_nearest_resize_up_one_axis_down_another_is_refused() -> None:
+    scales = numpy_helper.from_array(np.array([1, 1, 0.5, 2], np.float32), "scales")
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "scales"], ["y"], mode="nearest", name="mixed")],
+        "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [scales],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    with pytest.raises(OnnxGradCamError, match="'mixed'.*re-export the model at opset 11 or newer"):
+        upgrade_opset(model)
 
 
 # -- detector-style heads: TopK, ArgMax, NMS, Round, Floor -------------------------------------

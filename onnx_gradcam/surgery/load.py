@@ -113,14 +113,16 @@ def _opset10_resizes(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
         if mode == "nearest":
             scales = attrs["scales"] if "scales" in attrs else values.get(node.input[1] if len(node.input) > 1 else "")
             factors = [] if scales is None else [float(v) for v in np.asarray(scales).reshape(-1)]
-            if node.op_type == "Upsample" or (factors and all(f >= 1 for f in factors)):
-                fixed["nearest_mode"] = "floor"  # Upsample's scales are >= 1 by its spec
-            elif factors and all(f <= 1 for f in factors):
+            if node.op_type == "Upsample" or not factors or all(f >= 1 for f in factors):
+                # Upsample's scales are >= 1 by its spec; scales computed at run time are taken to
+                # upsample (if they do not, prepare's self-check finds the outputs changed)
+                fixed["nearest_mode"] = "floor"
+            elif all(f <= 1 for f in factors):
                 fixed["nearest_mode"] = "ceil"
             else:
                 raise OnnxGradCamError(
                     f"the Resize node {node.name or node.output[0]!r} (opset 10, mode 'nearest') has scales "
-                    f"{factors or 'computed at run time'}: its rounding, floor up and ceiling down, has no Resize-11 "
+                    f"{factors}: its rounding, floor up and ceiling down, has no Resize-11 "
                     "form when they are not all >= 1 or all <= 1; to fix this, re-export the model at opset 11 or newer"
                 )
         out[node.output[0]] = fixed
