@@ -367,6 +367,19 @@ CASES: dict[str, list[Case]] = {
             [x_(rnd(2, 7, 7, 3)), c_("starts", i64(0)), c_("ends", i64(7)), c_("axes", i64(1)), c_("steps", i64(2))],
             symbolic=(0,),
         ),
+        # bounds or sizes known only at run time (xcit's x[:, 1:] on a token axis of run-time size,
+        # pit's x[:, :n] with n computed): Pad with pads computed as the spec normalises the bounds
+        Case(
+            "unit_step_symbolic_axis",
+            [x_(rnd(2, 5, 3)), c_("starts", i64(1)), c_("ends", i64(2**63 - 1)), c_("axes", i64(1))],
+            symbolic=(0, 1),
+        ),
+        Case("runtime_bounds", [x_(rnd(3, 6)), x_(i64(-4), "starts"), x_(i64(5), "ends"), c_("axes", i64(1))]),
+        Case("runtime_bounds_clamped_no_axes", [x_(rnd(3, 4)), x_(i64(-9, 1), "starts"), x_(i64(2, 100), "ends")]),
+        Case(
+            "runtime_bounds_int32_empty",
+            [x_(rnd(3, 4)), x_(np.array([3], np.int32), "starts"), x_(np.array([1], np.int32), "ends")],
+        ),
     ],
     "Gather": [
         Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),

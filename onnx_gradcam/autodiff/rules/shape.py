@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from ...errors import UnsupportedOpError
 from ..context import RuleContext
 from ._common import contract_axis, contract_axis_with, norm_axis
 
@@ -132,7 +133,8 @@ def _slice_params(ctx: RuleContext, node: onnx.NodeProto, rank: int) -> list[tup
 
 def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = X[start:stop:step] on some axes:  dX = dY scattered back into zeros shaped like X
-    (a Pad for unit steps; an index scatter otherwise)."""
+    (a Pad for unit steps, its pads computed at run time where bounds or sizes are known only
+    then; an index scatter otherwise)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
@@ -143,7 +145,14 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     assert shape is not None
     g = dy
     b = ctx.b
-    for ax, lo, hi, step in _slice_params(ctx, node, rank):
+    try:
+        params = _slice_params(ctx, node, rank)
+    except UnsupportedOpError:
+        runtime = _slice_back_at_run_time(ctx, node, dy, rank)
+        if runtime is None:
+            raise
+        return [runtime] + [None] * (len(node.input) - 1)
+    for ax, lo, hi, step in params:
         dim = shape[ax]
         assert isinstance(dim, int)
         picked = list(range(lo, hi, step))
@@ -155,6 +164,44 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         else:
             g = _scatter_axis(ctx, g, picked, dim, ax, rank, x)
     return [g] + [None] * (len(node.input) - 1)
+
+
+def _slice_back_at_run_time(ctx: RuleContext, node: onnx.NodeProto, dy: str, rank: int) -> str | None:
+    """Unit-step Slice with bounds or axis sizes known only at run time: dX = Pad(dY, pads), the
+    pads computed as the spec normalises the bounds, start' = clamp(start < 0 ? start + d : start,
+    0, d), likewise end', pads (start', d - max(start', end')). None where steps are not all 1 or
+    axes not constant (the caller's error stands)."""
+    if ctx.opset < 11 or len(node.input) < 3:
+        return None
+    axes_value = ctx.const_input(node, 3) if len(node.input) > 3 and node.input[3] else None
+    steps = ctx.const_input(node, 4) if len(node.input) > 4 and node.input[4] else None
+    if steps is not None and np.any(steps != 1):
+        return None
+    if axes_value is not None:
+        axes = [norm_axis(int(v), rank) for v in axes_value]
+    else:
+        starts_shape = ctx.info.static_shape(node.input[1])
+        if starts_shape is None or len(starts_shape) != 1:
+            return None
+        axes = list(range(starts_shape[0]))
+    b = ctx.b
+    i64 = onnx.TensorProto.INT64
+    dims = b.op("Gather", [b.shape_of(node.input[0]), b.const(np.array(axes, np.int64), "axes")], axis=0)
+    zero = b.const(np.array(0, np.int64), "zero")
+
+    def bound(v: str) -> str:
+        v = b.op("Cast", [v], to=i64)
+        v = b.op("Where", [b.op("Less", [v, zero]), b.op("Add", [v, dims]), v])
+        return b.op("Min", [b.op("Max", [v, zero]), dims])
+
+    start, end = bound(node.input[1]), bound(node.input[2])
+    after = b.op("Sub", [dims, b.op("Max", [start, end])])
+    where = b.const(np.array(axes + [rank + a for a in axes], np.int64), "pad_positions")
+    pads = b.op(
+        "ScatterElements",
+        [b.const(np.zeros(2 * rank, np.int64), "pads"), where, b.op("Concat", [start, after], axis=0)],
+    )
+    return b.op("Pad", [dy, pads])
 
 
 def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axis: int, rank: int, like: str) -> str:
