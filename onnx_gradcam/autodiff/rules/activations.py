@@ -248,7 +248,7 @@ def celu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt:
 
 
 def softsign(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = X / (1 + |X|):  dX = dY / (1 + |X|)^2."""
+    """Y = X / (1 + abs(X)):  dX = dY / (1 + abs(X))^2."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]

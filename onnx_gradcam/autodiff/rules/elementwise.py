@@ -131,23 +131,19 @@ def _extremum(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None],
 
 
 def max_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = max(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}).
-
-    Where operands tie for the maximum, dY is split equally among them (torch.maximum's 1/2 for two).
-    """
+    """Y = max(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}): operands
+    that tie for the maximum share dY equally (torch.maximum's 1/2 for two)."""
     return _extremum(ctx, node, dys, wrt)
 
 
 def min_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = min(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}).
-
-    Where operands tie for the minimum, dY is split equally among them (torch.minimum's 1/2 for two).
-    """
+    """Y = min(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}): operands
+    that tie for the minimum share dY equally (torch.minimum's 1/2 for two)."""
     return _extremum(ctx, node, dys, wrt)
 
 
 def abs_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = |X|:  dX = dY * sign(X) (0 at X = 0, as torch)."""
+    """Y = abs(X):  dX = dY * sign(X) (0 at X = 0, as torch)."""
     assert dys[0] is not None
     return [ctx.b.op("Mul", [dys[0], ctx.b.op("Sign", [node.input[0]])])]
 

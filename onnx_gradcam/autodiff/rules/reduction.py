@@ -88,18 +88,14 @@ def _extremum(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None])
 
 
 def reduce_max(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = max_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes).
-
-    Ties share dY equally among every position that attains the maximum, as torch.amax does.
-    """
+    """Y = max_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes):
+    every position that attains the maximum gets an equal share of dY, as in torch.amax."""
     return _extremum(ctx, node, dys)
 
 
 def reduce_min(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = min_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes).
-
-    Ties share dY equally among every position that attains the minimum, as torch.amin does.
-    """
+    """Y = min_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes):
+    every position that attains the minimum gets an equal share of dY, as in torch.amin."""
     return _extremum(ctx, node, dys)
 
 
