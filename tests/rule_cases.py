@@ -877,6 +877,7 @@ RULES_A_CASES: dict[str, list[Case]] = {
         # a run-time shape: the broadcast axes are found at run time
         Case("runtime_shape", [x_(rnd(3, 1)), x_(i64(2, 3, 4), "shape")]),
         Case("symbolic_batch", [x_(rnd(2, 1, 3)), c_("shape", i64(1, 4, 1))], symbolic=(0,)),
+        Case("opset21", [x_(rnd(3, 1)), c_("shape", i64(3, 2))], opset=21),
     ],
     "Tile": [
         Case("const_repeats", [x_(rnd(2, 3)), c_("r", i64(2, 3))]),
@@ -922,6 +923,7 @@ RULES_A_CASES: dict[str, list[Case]] = {
         Case("all_axes_opset18", [x_(distinct(2, 3))], attrs={"keepdims": 0}, opset=18),
         Case("noop_empty_axes_opset18", [x_(distinct(2, 3))], attrs={"noop_with_empty_axes": 1}, opset=18),
         Case("axes_input_opset20", [x_(distinct(2, 3, 2)), c_("axes", i64(-2))], opset=20),
+        Case("keepdims_opset21", [x_(distinct(2, 3, 2)), c_("axes", i64(0, 1))], opset=21),
         # a two-way tie in every row: each tied position gets half of dY (torch.amax's share)
         Case("two_way_ties", [x_(_row_extremum_tied(distinct(3, 5), True))], attrs={"axes": [1]}, opset=13),
     ],
@@ -957,6 +959,7 @@ RULES_A_CASES: dict[str, list[Case]] = {
         # indices shorter than X on the other axis: zeros there
         Case("short_indices_opset13", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=13),
         Case("short_indices_opset18", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=18),
+        Case("scatter_add_opset21", [x_(rnd(4, 3)), c_("i", _GE_INDEX.T.copy())], attrs={"axis": 0}, opset=21),
         Case(
             "runtime_indices_symbolic_opset13",
             [x_(rnd(2, 3, 4)), x_(np.stack([_GE_INDEX, _GE_INDEX[::-1]]), "i")],
@@ -1012,6 +1015,13 @@ RULES_A_CASES: dict[str, list[Case]] = {
         Case("transpose_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->cab"}, symbolic=(0, 2)),
         Case("ones_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->a"}, symbolic=(0, 1, 2)),
         Case("diagonal_symbolic", [x_(rnd(2, 3, 3))], attrs={"equation": "bii->bi"}, symbolic=(0, 1, 2)),
+        Case(
+            "uppercase_diagonal_opset21",
+            [x_(rnd(2, 3, 3)), x_(rnd(2, seed=1), "w")],
+            attrs={"equation": "Aii,A->Ai"},
+            wrt=("x", "w"),
+            opset=21,
+        ),
     ],
 }
 CASES.update(RULES_A_CASES)
