@@ -1,4 +1,5 @@
-"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding."""
+"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding,
+broadcasting copies (Expand, Tile) and gathers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx
 
 from ...errors import UnsupportedOpError
 from ..context import RuleContext
-from ._common import contract_axis, contract_axis_with, norm_axis
+from ._common import contract_axis, contract_axis_with, norm_axis, unbroadcast
 
 Grads = list[str | None]
 
@@ -290,3 +291,73 @@ def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: 
     if any(back):
         g = b.op("Pad", [g, b.const(np.array(back, np.int64), "pads")])
     return [g] + [None] * (len(node.input) - 1)
+
+
+def expand(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = expand(X, shape) (broadcasting):  dX = unbroadcast(dY), the sum over the copies;
+    the shape may be a run-time value (the broadcast axes are then found at run time)."""
+    dy = dys[0]
+    assert dy is not None
+    return [unbroadcast(ctx, dy, node.input[0], node.output[0]), None]
+
+
+def tile(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = tile(X, r):  dX[i] = Σ_k dY[k d + i] per axis (d = X's size), the sum over the copies:
+    dY reshaped to [r_0, d_0, r_1, d_1, ...] and summed over the r axes. r may be a run-time value."""
+    dy = dys[0]
+    assert dy is not None
+    x, reps = node.input[0], node.input[1]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    b = ctx.b
+    value = ctx.info.const(reps)
+    if value is None and reps in ctx.info.folded:
+        value = np.array(ctx.info.folded[reps], np.int64)
+    static = ctx.info.static_shape(x)
+    if value is not None and np.all(value == 1):
+        return [dy, None]
+    if value is not None and static is not None:
+        target = b.const(np.stack([value.astype(np.int64), np.array(static, np.int64)], axis=1).reshape(-1), "shape")
+    else:  # interleave the repeats with X's shape at run time
+        r = b.const(value.astype(np.int64), "repeats") if value is not None else reps
+        pairs = b.op("Concat", [b.unsqueeze(r, [1]), b.unsqueeze(b.shape_of(x), [1])], axis=1)  # [rank, 2]
+        target = b.op("Reshape", [pairs, b.const(np.array([-1], np.int64), "shape")])
+    copies = b.op("Reshape", [dy, target])
+    return [b.reduce("ReduceSum", copies, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+def gather_elements(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y[.., i, ..] = X[.., idx[.., i, ..], ..] along axis:  dX = dY added into zeros shaped like X at
+    the gathered positions (repeated indices add up): ScatterElements(reduction='add') from opset
+    16; below, dY times a one-hot of the indices, summed over the gathered axis."""
+    dy = dys[0]
+    assert dy is not None
+    x, idx = node.input
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    b = ctx.b
+    if ctx.opset >= 16:
+        return [b.op("ScatterElements", [ctx.zeros_like(x), idx, dy], axis=axis, reduction="add"), None]
+    # onehot[.., i, .., j] = (idx[.., i, ..] mod d == j), j < d = X's size along axis
+    shape = ctx.info.shape(x)
+    dim = shape[axis] if shape is not None else None
+    size = b.const(np.array([dim], np.int64), "size") if isinstance(dim, int) else b.shape_of(x, axis, axis + 1)
+    if ctx.info.dtype(idx) != onnx.TensorProto.INT64:
+        idx = b.op("Cast", [idx], to=onnx.TensorProto.INT64)
+    picked = b.unsqueeze(b.op("Mod", [b.op("Add", [idx, size]), size]), [rank])  # negative ones count from the end
+    zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
+    positions = b.op("Range", [zero, b.squeeze(size, [0]), one])
+    onehot = b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
+    spread = b.reduce("ReduceSum", b.op("Mul", [onehot, b.unsqueeze(dy, [rank])]), [axis], keepdims=True)
+    perm = list(range(rank + 1))
+    perm[axis], perm[rank] = rank, axis
+    g = b.squeeze(b.transpose(spread, perm), [rank])
+    # the indices may be shorter than X on the other axes: zeros after them
+    ishape, xshape = ctx.info.static_shape(node.input[1]), ctx.info.static_shape(x)
+    if ishape is None or xshape is None or any(i != s for a, (i, s) in enumerate(zip(ishape, xshape)) if a != axis):
+        ends = b.op("Sub", [b.shape_of(x), b.shape_of(g)])
+        g = b.op("Pad", [g, b.op("Concat", [b.const(np.zeros(rank, np.int64), "pads"), ends], axis=0)])
+    return [g, None]
