@@ -367,6 +367,19 @@ CASES: dict[str, list[Case]] = {
             [x_(rnd(2, 7, 7, 3)), c_("starts", i64(0)), c_("ends", i64(7)), c_("axes", i64(1)), c_("steps", i64(2))],
             symbolic=(0,),
         ),
+        # bounds or sizes known only at run time (xcit's x[:, 1:] on a token axis of run-time size,
+        # pit's x[:, :n] with n computed): Pad with pads computed as the spec normalises the bounds
+        Case(
+            "unit_step_symbolic_axis",
+            [x_(rnd(2, 5, 3)), c_("starts", i64(1)), c_("ends", i64(2**63 - 1)), c_("axes", i64(1))],
+            symbolic=(0, 1),
+        ),
+        Case("runtime_bounds", [x_(rnd(3, 6)), x_(i64(-4), "starts"), x_(i64(5), "ends"), c_("axes", i64(1))]),
+        Case("runtime_bounds_clamped_no_axes", [x_(rnd(3, 4)), x_(i64(-9, 1), "starts"), x_(i64(2, 100), "ends")]),
+        Case(
+            "runtime_bounds_int32_empty",
+            [x_(rnd(3, 4)), x_(np.array([3], np.int32), "starts"), x_(np.array([1], np.int32), "ends")],
+        ),
     ],
     "Gather": [
         Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),
@@ -807,6 +820,225 @@ INT8_CASES: dict[str, list[Case]] = {
     ],
 }
 CASES.update(INT8_CASES)
+
+
+# -- issue 12, rules-a: Max/Min/Abs/Where, Expand/Tile, activations, ReduceMax/Min/L2/LogSumExp,
+# GatherElements, Einsum ------------------------------------------------------------------------
+
+
+def _row_extremum_tied(x: np.ndarray, largest: bool) -> np.ndarray:
+    """Each row's extremum (last axis) copied onto the row's opposite extremum: a two-way tie per row,
+    where a central difference is 1/2 for each of the two (one side moves the extremum, the other
+    does not), the rules' equal share."""
+    x = x.copy()
+    for row in np.ndindex(x.shape[:-1]):
+        v = x[row]
+        v[np.argmin(v) if largest else np.argmax(v)] = v.max() if largest else v.min()
+    return x
+
+
+def _thresholded(alpha: float, *shape: int) -> np.ndarray:
+    return alpha + rnd(*shape, away=0.05) * 2  # kept away from the kink at alpha
+
+
+_MAX_X = rnd(2, 4)
+_MAX_TIES = rnd(2, 4, seed=1)
+_MAX_TIES[0, 1], _MAX_TIES[1, 2] = _MAX_X[0, 1], _MAX_X[1, 2]
+_GE_INDEX = np.array([[0, 3, 3, -1, 1], [2, 2, -4, 0, 0], [1, 1, 1, 3, -2]], np.int64)
+
+RULES_A_CASES: dict[str, list[Case]] = {
+    "Max": [
+        Case("two_broadcast", [x_(rnd(2, 3, 4)), x_(rnd(3, 1, seed=1), "b")], wrt=("x", "b")),
+        Case(
+            "three_opset11",
+            [x_(rnd(2, 3)), x_(rnd(3, seed=1), "b"), x_(rnd(2, 1, seed=2), "c")],
+            wrt=("x", "b", "c"),
+            opset=11,
+        ),
+        Case("single_opset13", [x_(rnd(2, 3))], opset=13),
+        # two-way ties at two positions: each operand gets half of dY there
+        Case("two_way_ties", [x_(_MAX_X), x_(_MAX_TIES, "b")], wrt=("x", "b")),
+    ],
+    "Min": [
+        Case(
+            "three_broadcast_opset13",
+            [x_(rnd(2, 3, 4)), x_(rnd(4, seed=1), "b"), x_(rnd(2, 1, 1, seed=2), "c")],
+            wrt=("x", "b", "c"),
+            opset=13,
+        ),
+        Case("two_opset11", [x_(rnd(3, 2)), x_(rnd(3, 2, seed=1), "b")], wrt=("x", "b"), opset=11),
+    ],
+    "Abs": [Case("plain", [x_(rnd(2, 3, 4, away=0.05))]), Case("opset11", [x_(rnd(3, 2, away=0.05))], opset=11)],
+    "Where": [
+        Case(
+            "broadcast_const_condition",
+            [c_("c", rnd(2, 1, 4, seed=3) > 0), x_(rnd(3, 4)), x_(rnd(2, 3, 1, seed=1), "b")],
+            wrt=("x", "b"),
+        ),
+        Case(
+            "runtime_condition_opset11",
+            [x_(rnd(2, 3, seed=3) > 0, "c"), x_(rnd(2, 3)), x_(rnd(3, seed=1), "b")],
+            wrt=("x", "b"),
+            opset=11,
+        ),
+        Case("scalar_other_opset16", [x_(rnd(2, 3, seed=3) > 0, "c"), x_(rnd(2, 3)), c_("b", np.array(0.0))], opset=16),
+    ],
+    "Expand": [
+        Case("channels_to_grid", [x_(rnd(2, 3, 1, 1)), c_("shape", i64(2, 3, 4, 5))]),
+        Case("rank_up_opset11", [x_(rnd(3, 1)), c_("shape", i64(2, 1, 4))], opset=11),
+        Case("shape_of_ones", [x_(rnd(2, 3, 4)), c_("shape", i64(1, 1))], opset=13),
+        # a run-time shape: the broadcast axes are found at run time
+        Case("runtime_shape", [x_(rnd(3, 1)), x_(i64(2, 3, 4), "shape")]),
+        Case("symbolic_batch", [x_(rnd(2, 1, 3)), c_("shape", i64(1, 4, 1))], symbolic=(0,)),
+        Case("opset21", [x_(rnd(3, 1)), c_("shape", i64(3, 2))], opset=21),
+    ],
+    "Tile": [
+        Case("const_repeats", [x_(rnd(2, 3)), c_("r", i64(2, 3))]),
+        Case("rank3_opset11", [x_(rnd(2, 1, 3)), c_("r", i64(1, 4, 2))], opset=11),
+        Case("runtime_repeats", [x_(rnd(2, 3)), x_(i64(3, 1), "r")], opset=13),
+        Case("symbolic_batch", [x_(rnd(2, 3, 2)), c_("r", i64(2, 1, 2))], symbolic=(0,)),
+    ],
+    "Softplus": [
+        Case("plain", [x_(rnd(2, 3, 4, lo=-4, hi=4))], dtype=F32),
+        Case("opset11", [x_(rnd(3, 4, lo=-4, hi=4))], opset=11, dtype=F32),
+    ],
+    "Mish": [Case("opset18", [x_(rnd(2, 3, 4, lo=-4, hi=4))], opset=18)],
+    "Elu": [
+        Case("default", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case("alpha_opset11", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], attrs={"alpha": 0.7}, opset=11, dtype=F32),
+    ],
+    "Selu": [
+        Case("default", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case(
+            "alpha_gamma_opset11",
+            [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))],
+            attrs={"alpha": 1.3, "gamma": 0.8},
+            opset=11,
+            dtype=F32,
+        ),
+    ],
+    "Celu": [
+        Case("default_opset12", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], opset=12, dtype=F32),
+        Case("alpha", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], attrs={"alpha": 0.5}, dtype=F32),
+    ],
+    "Softsign": [
+        Case("plain", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case("opset11", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], opset=11, dtype=F32),
+    ],
+    "ThresholdedRelu": [
+        Case("default_alpha", [x_(_thresholded(1.0, 2, 3, 4))], dtype=F32),
+        Case("alpha_opset11", [x_(_thresholded(0.3, 3, 4))], attrs={"alpha": 0.3}, opset=11, dtype=F32),
+    ],
+    "ReduceMax": [
+        Case("axes_attr_keepdims_opset13", [x_(distinct(2, 3, 4))], attrs={"axes": [1]}, opset=13),
+        Case("axes_attr_dropdims_opset11", [x_(distinct(2, 3, 4))], attrs={"axes": [-1, 0], "keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(distinct(2, 3, 4)), c_("axes", i64(0, 2))], attrs={"keepdims": 0}, opset=18),
+        Case("all_axes_opset18", [x_(distinct(2, 3))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(distinct(2, 3))], attrs={"noop_with_empty_axes": 1}, opset=18),
+        Case("axes_input_opset20", [x_(distinct(2, 3, 2)), c_("axes", i64(-2))], opset=20),
+        Case("keepdims_opset21", [x_(distinct(2, 3, 2)), c_("axes", i64(0, 1))], opset=21),
+        # a two-way tie in every row: each tied position gets half of dY (torch.amax's share)
+        Case("two_way_ties", [x_(_row_extremum_tied(distinct(3, 5), True))], attrs={"axes": [1]}, opset=13),
+    ],
+    "ReduceMin": [
+        Case("axes_attr_opset11", [x_(distinct(2, 3, 4))], attrs={"axes": [2]}, opset=11),
+        Case(
+            "axes_input_dropdims_opset18", [x_(distinct(2, 3, 4)), c_("axes", i64(1))], attrs={"keepdims": 0}, opset=18
+        ),
+        Case(
+            "two_way_ties_opset18",
+            [x_(_row_extremum_tied(distinct(2, 2, 4), False)), c_("axes", i64(-1))],
+            attrs={"keepdims": 0},
+            opset=18,
+        ),
+    ],
+    "ReduceL2": [
+        Case("axes_attr_opset13", [x_(rnd(2, 3, 4))], attrs={"axes": [1, 2]}, opset=13),
+        Case("dropdims_opset11", [x_(rnd(2, 3, 4))], attrs={"axes": [0], "keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(rnd(2, 3, 4)), c_("axes", i64(-1))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(rnd(2, 3, away=0.05))], attrs={"noop_with_empty_axes": 1}, opset=18),
+    ],
+    "ReduceLogSumExp": [
+        Case("axes_attr_opset13", [x_(rnd(2, 3, 4, lo=-3, hi=3))], attrs={"axes": [1]}, opset=13),
+        Case("all_dropdims_opset11", [x_(rnd(2, 3, lo=-3, hi=3))], attrs={"keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(rnd(2, 3, 4)), c_("axes", i64(0, -1))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(rnd(2, 3))], attrs={"noop_with_empty_axes": 1}, opset=18),
+    ],
+    "GatherElements": [
+        # repeated and negative indices: their gradients add up
+        Case("scatter_add_opset16", [x_(rnd(3, 4)), c_("i", _GE_INDEX)], attrs={"axis": 1}, opset=16),
+        Case("one_hot_opset13", [x_(rnd(3, 4)), c_("i", _GE_INDEX)], attrs={"axis": -1}, opset=13),
+        Case("one_hot_axis0_opset11", [x_(rnd(4, 3)), c_("i", _GE_INDEX.T.copy())], opset=11),
+        # indices shorter than X on the other axis: zeros there
+        Case("short_indices_opset13", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=13),
+        Case("short_indices_opset18", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=18),
+        Case("scatter_add_opset21", [x_(rnd(4, 3)), c_("i", _GE_INDEX.T.copy())], attrs={"axis": 0}, opset=21),
+        Case(
+            "runtime_indices_symbolic_opset13",
+            [x_(rnd(2, 3, 4)), x_(np.stack([_GE_INDEX, _GE_INDEX[::-1]]), "i")],
+            attrs={"axis": 2},
+            opset=13,
+            symbolic=(0, 1, 2),
+        ),
+    ],
+    "Einsum": [
+        Case(
+            "matmul_opset12",
+            [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w")],
+            attrs={"equation": "ij,jk->ik"},
+            wrt=("x", "w"),
+            opset=12,
+        ),
+        Case(
+            "implicit_output", [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w")], attrs={"equation": "kj,ji"}, wrt=("x", "w")
+        ),
+        Case(
+            "attention",
+            [x_(rnd(2, 2, 3, 4)), x_(rnd(2, 2, 5, 4, seed=1), "w")],
+            attrs={"equation": "bhqd,bhkd->bhqk"},
+            wrt=("x", "w"),
+            opset=18,
+        ),
+        Case(
+            "ellipsis_in_one_operand",
+            [x_(rnd(2, 3, 4)), x_(rnd(4, 5, seed=1), "w")],
+            attrs={"equation": "...ij,jk->...ik"},
+            wrt=("x", "w"),
+        ),
+        Case(
+            "ellipsis_broadcast_one",
+            [x_(rnd(2, 3, 4)), x_(rnd(1, 4, 5, seed=1), "w")],
+            attrs={"equation": "...ij , ...jk -> ...ik"},
+            wrt=("x", "w"),
+        ),
+        Case(
+            "three_operands",
+            [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w"), x_(rnd(2, 4, seed=2), "c")],
+            attrs={"equation": "bi,ij,bj->b"},
+            wrt=("x", "w", "c"),
+        ),
+        Case(
+            "summed_alone", [x_(rnd(2, 3, 4)), x_(rnd(3, seed=1), "w")], attrs={"equation": "ijk,j->i"}, wrt=("x", "w")
+        ),
+        Case("sum_all", [x_(rnd(2, 3))], attrs={"equation": "ij->"}),
+        Case("diagonal", [x_(rnd(3, 3))], attrs={"equation": "ii->i"}),
+        Case(
+            "trace_batched", [x_(rnd(2, 3, 3)), x_(rnd(2, seed=1), "w")], attrs={"equation": "bii,b->b"}, wrt=("x", "w")
+        ),
+        Case("transpose_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->cab"}, symbolic=(0, 2)),
+        Case("ones_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->a"}, symbolic=(0, 1, 2)),
+        Case("diagonal_symbolic", [x_(rnd(2, 3, 3))], attrs={"equation": "bii->bi"}, symbolic=(0, 1, 2)),
+        Case(
+            "uppercase_diagonal_opset21",
+            [x_(rnd(2, 3, 3)), x_(rnd(2, seed=1), "w")],
+            attrs={"equation": "Aii,A->Ai"},
+            wrt=("x", "w"),
+            opset=21,
+        ),
+    ],
+}
+CASES.update(RULES_A_CASES)
+# -- end of rules-a -----------------------------------------------------------------------------
 
 
 # -- rules-b: normalisations over the sample, depth <-> space, Col2Im, TopK (issue 12) --------

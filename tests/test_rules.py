@@ -112,7 +112,7 @@ def test_every_rule_has_a_case() -> None:
 
 
 @pytest.mark.parametrize(("op", "case", "wrt"), _all_cases(), ids=lambda v: v if isinstance(v, str) else v.id)
-def test_rule_matches_finite_differences(op: str, case: Case, wrt: str) -> None:
+def test_rule_matches_finite_differences(op: str, case: Case, wrt: str, record_property) -> None:  # type: ignore[no-untyped-def]
     fwd = _forward_model(op, case)
     feeds = {n: _typed(case, v) for n, v, const in case.inputs if not const and v is not None}
     run_fwd = cpu_session(fwd.SerializeToString())
@@ -160,6 +160,7 @@ def test_rule_matches_finite_differences(op: str, case: Case, wrt: str) -> None:
         numeric[idx] = (loss({**feeds, wrt: plus}) - loss({**feeds, wrt: minus})) / (2 * step)
     assert analytic.shape == base.shape
     err = rel_err(analytic, numeric)
+    record_property("relative_error", f"{err:.1e}")
     assert err < tol, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e} >= {tol:.0e}"
 
 

@@ -14,6 +14,7 @@ import onnx
 from .context import RuleContext
 from .rules import (
     activations,
+    einsum,
     elementwise,
     fold,
     linear,
@@ -209,6 +210,35 @@ _DIFFERENTIABLE.update(
     )
 )
 # -- end rules-b ---------------------------------------------------------------------------
+
+
+# -- issue 12, rules-a: element-wise extrema, activations, reductions, broadcasting copies,
+# GatherElements and Einsum ---------------------------------------------------------------
+RULES.update(
+    {
+        "Max": elementwise.max_,
+        "Min": elementwise.min_,
+        "Abs": elementwise.abs_,
+        "Where": elementwise.where,
+        "Expand": shape.expand,
+        "Tile": shape.tile,
+        "GatherElements": shape.gather_elements,
+        "Einsum": einsum.einsum,
+        "Softplus": activations.softplus,
+        "Mish": activations.mish,
+        "Elu": activations.elu,
+        "Selu": activations.selu,
+        "Celu": activations.celu,
+        "Softsign": activations.softsign,
+        "ThresholdedRelu": activations.thresholded_relu,
+        "ReduceMax": reduction.reduce_max,
+        "ReduceMin": reduction.reduce_min,
+        "ReduceL2": reduction.reduce_l2,
+        "ReduceLogSumExp": reduction.reduce_log_sum_exp,
+    }
+)
+_DIFFERENTIABLE.update({"ReduceL2": (0,), "ReduceLogSumExp": (0,)})
+# -- end of rules-a ------------------------------------------------------------------------
 
 
 def rule_key(node: onnx.NodeProto) -> str:

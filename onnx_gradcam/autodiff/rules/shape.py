@@ -1,4 +1,5 @@
-"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding."""
+"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding,
+broadcasting copies (Expand, Tile) and gathers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from ...errors import UnsupportedOpError
 from ..context import RuleContext
-from ._common import contract_axis, contract_axis_with, norm_axis
+from ._common import contract_axis, contract_axis_with, norm_axis, unbroadcast
 
 Grads = list[str | None]
 
@@ -132,7 +134,8 @@ def _slice_params(ctx: RuleContext, node: onnx.NodeProto, rank: int) -> list[tup
 
 def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = X[start:stop:step] on some axes:  dX = dY scattered back into zeros shaped like X
-    (a Pad for unit steps; an index scatter otherwise)."""
+    (a Pad for unit steps, its pads computed at run time where bounds or sizes are known only
+    then; an index scatter otherwise)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
@@ -143,7 +146,14 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     assert shape is not None
     g = dy
     b = ctx.b
-    for ax, lo, hi, step in _slice_params(ctx, node, rank):
+    try:
+        params = _slice_params(ctx, node, rank)
+    except UnsupportedOpError:
+        runtime = _slice_back_at_run_time(ctx, node, dy, rank)
+        if runtime is None:
+            raise
+        return [runtime] + [None] * (len(node.input) - 1)
+    for ax, lo, hi, step in params:
         dim = shape[ax]
         assert isinstance(dim, int)
         picked = list(range(lo, hi, step))
@@ -155,6 +165,44 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
         else:
             g = _scatter_axis(ctx, g, picked, dim, ax, rank, x)
     return [g] + [None] * (len(node.input) - 1)
+
+
+def _slice_back_at_run_time(ctx: RuleContext, node: onnx.NodeProto, dy: str, rank: int) -> str | None:
+    """Unit-step Slice with bounds or axis sizes known only at run time: dX = Pad(dY, pads), the
+    pads computed as the spec normalises the bounds, start' = clamp(start < 0 ? start + d : start,
+    0, d), likewise end', pads (start', d - max(start', end')). None where steps are not all 1 or
+    axes not constant (the caller's error stands)."""
+    if ctx.opset < 11 or len(node.input) < 3:
+        return None
+    axes_value = ctx.const_input(node, 3) if len(node.input) > 3 and node.input[3] else None
+    steps = ctx.const_input(node, 4) if len(node.input) > 4 and node.input[4] else None
+    if steps is not None and np.any(steps != 1):
+        return None
+    if axes_value is not None:
+        axes = [norm_axis(int(v), rank) for v in axes_value]
+    else:
+        starts_shape = ctx.info.static_shape(node.input[1])
+        if starts_shape is None or len(starts_shape) != 1:
+            return None
+        axes = list(range(starts_shape[0]))
+    b = ctx.b
+    i64 = onnx.TensorProto.INT64
+    dims = b.op("Gather", [b.shape_of(node.input[0]), b.const(np.array(axes, np.int64), "axes")], axis=0)
+    zero = b.const(np.array(0, np.int64), "zero")
+
+    def bound(v: str) -> str:
+        v = b.op("Cast", [v], to=i64)
+        v = b.op("Where", [b.op("Less", [v, zero]), b.op("Add", [v, dims]), v])
+        return b.op("Min", [b.op("Max", [v, zero]), dims])
+
+    start, end = bound(node.input[1]), bound(node.input[2])
+    after = b.op("Sub", [dims, b.op("Max", [start, end])])
+    where = b.const(np.array(axes + [rank + a for a in axes], np.int64), "pad_positions")
+    pads = b.op(
+        "ScatterElements",
+        [b.const(np.zeros(2 * rank, np.int64), "pads"), where, b.op("Concat", [start, after], axis=0)],
+    )
+    return b.op("Pad", [dy, pads])
 
 
 def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axis: int, rank: int, like: str) -> str:
@@ -276,6 +324,76 @@ def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: 
     if any(back):
         g = b.op("Pad", [g, b.const(np.array(back, np.int64), "pads")])
     return [g] + [None] * (len(node.input) - 1)
+
+
+def expand(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = expand(X, shape) (broadcasting):  dX = unbroadcast(dY), the sum over the copies;
+    the shape may be a run-time value (the broadcast axes are then found at run time)."""
+    dy = dys[0]
+    assert dy is not None
+    return [unbroadcast(ctx, dy, node.input[0], node.output[0]), None]
+
+
+def tile(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = tile(X, r):  dX[i] = Σ_k dY[k d + i] per axis (d = X's size), the sum over the copies:
+    dY reshaped to [r_0, d_0, r_1, d_1, ...] and summed over the r axes. r may be a run-time value."""
+    dy = dys[0]
+    assert dy is not None
+    x, reps = node.input[0], node.input[1]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    b = ctx.b
+    value = ctx.info.const(reps)
+    if value is None and reps in ctx.info.folded:
+        value = np.array(ctx.info.folded[reps], np.int64)
+    static = ctx.info.static_shape(x)
+    if value is not None and np.all(value == 1):
+        return [dy, None]
+    if value is not None and static is not None:
+        target = b.const(np.stack([value.astype(np.int64), np.array(static, np.int64)], axis=1).reshape(-1), "shape")
+    else:  # interleave the repeats with X's shape at run time
+        r = b.const(value.astype(np.int64), "repeats") if value is not None else reps
+        pairs = b.op("Concat", [b.unsqueeze(r, [1]), b.unsqueeze(b.shape_of(x), [1])], axis=1)  # [rank, 2]
+        target = b.op("Reshape", [pairs, b.const(np.array([-1], np.int64), "shape")])
+    copies = b.op("Reshape", [dy, target])
+    return [b.reduce("ReduceSum", copies, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+def gather_elements(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y[.., i, ..] = X[.., idx[.., i, ..], ..] along axis:  dX = dY added into zeros shaped like X at
+    the gathered positions (repeated indices add up): ScatterElements(reduction='add') from opset
+    16; below, dY times a one-hot of the indices, summed over the gathered axis."""
+    dy = dys[0]
+    assert dy is not None
+    x, idx = node.input
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    b = ctx.b
+    if ctx.opset >= 16:
+        return [b.op("ScatterElements", [ctx.zeros_like(x), idx, dy], axis=axis, reduction="add"), None]
+    # onehot[.., i, .., j] = (idx[.., i, ..] mod d == j), j < d = X's size along axis
+    shape = ctx.info.shape(x)
+    dim = shape[axis] if shape is not None else None
+    size = b.const(np.array([dim], np.int64), "size") if isinstance(dim, int) else b.shape_of(x, axis, axis + 1)
+    if ctx.info.dtype(idx) != onnx.TensorProto.INT64:
+        idx = b.op("Cast", [idx], to=onnx.TensorProto.INT64)
+    picked = b.unsqueeze(b.op("Mod", [b.op("Add", [idx, size]), size]), [rank])  # negative ones count from the end
+    zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
+    positions = b.op("Range", [zero, b.squeeze(size, [0]), one])
+    onehot = b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
+    spread = b.reduce("ReduceSum", b.op("Mul", [onehot, b.unsqueeze(dy, [rank])]), [axis], keepdims=True)
+    perm = list(range(rank + 1))
+    perm[axis], perm[rank] = rank, axis
+    g = b.squeeze(b.transpose(spread, perm), [rank])
+    # the indices may be shorter than X on the other axes: zeros after them
+    ishape, xshape = ctx.info.static_shape(node.input[1]), ctx.info.static_shape(x)
+    if ishape is None or xshape is None or any(i != s for a, (i, s) in enumerate(zip(ishape, xshape)) if a != axis):
+        ends = b.op("Sub", [b.shape_of(x), b.shape_of(g)])
+        g = b.op("Pad", [g, b.op("Concat", [b.const(np.zeros(rank, np.int64), "pads"), ends], axis=0)])
+    return [g, None]
 
 
 # -- depth <-> space, top-k ---------------------------------------------------------------
