@@ -474,6 +474,21 @@ def downstream_candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: s
     return [c.name for c in reversed(candidates(graph, info, reduction)) if c.name in later and c.dominates]
 
 
+def scores_before(graph: onnx.GraphProto, info: TensorInfo, node_name: str, features: list[str]) -> list[str]:
+    """The float inputs of the node named `node_name` (or writing that tensor) that depend
+    differentiably on every feature tensor: scores the gradient can start from, before that node."""
+    nodes = list(graph.node)
+    node = next((n for n in nodes if n.name == node_name or (n.output and n.output[0] == node_name)), None)
+    if node is None:
+        return []
+    reach = [forward_reachable(nodes, [f]) for f in features]
+    return [
+        i
+        for i in dict.fromkeys(node.input)
+        if i and info.dtype(i) in _FLOAT_TYPES and all(i in r for r in reach) and i not in features
+    ]
+
+
 def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -> None:
     """An error naming the non-differentiable op (NMS, TopK indices, ArgMax, ...) between the
     feature tensor and the reduction tensor, and the tensors before it, when the score cannot
@@ -493,22 +508,26 @@ def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -
         )
     fwd = forward_reachable(nodes, [feature])
     ancestors = backward_plain(nodes, reduction)
+    # a node that reads the feature's descendants and writes the score's ancestors without
+    # passing gradient along that output (ArgMax, Round, NonMaxSuppression, TopK's Indices, ...)
     blockers = [
-        n
+        (n, dead)
         for n in nodes
-        if n.output
-        and any(o in ancestors for o in n.output)
-        and any(i in fwd for i in n.input)
-        and not any(o in fwd for o in n.output if o)
+        if any(i in fwd for i in n.input) and (dead := [o for o in n.output if o and o in ancestors and o not in fwd])
     ]
-    node = blockers[-1] if blockers else None  # the one nearest the score
-    before = [i for i in (node.input if node is not None else []) if i in fwd]
-    where = (
-        f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
-    )
+    if not blockers:
+        raise LayerNotFoundError(
+            f"the reduction tensor {reduction!r} does not depend differentiably on the feature tensor {feature!r}: "
+            "to fix this, choose a reduction tensor that does with --reduction-layer (see `onnx-gradcam layers MODEL`)"
+        )
+    node, dead = blockers[-1]  # the one nearest the score
+    # the tensors nearest before it that carry gradient: its other outputs (TopK's Values), its inputs
+    usable = [o for o in node.output if o in fwd] + [i for i in node.input if i in fwd]
+    via = f", output {dead[0]!r}" if len(node.output) > 1 else ""
+    where = f"op {node.op_type!r} (node {node.name or node.output[0]!r}{via})"
     raise LayerNotFoundError(
         f"the reduction tensor {reduction!r} lies after {where}, which passes no gradient: to fix this, choose "
-        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in before[:3])}"
+        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in usable[:3])}"
     )
 
 

@@ -164,8 +164,12 @@ def _node_roles(
         return {out: (BATCH, CHANNELS, *([ONE] * (len(oshape or ()) - 2)))} if oshape else {}
     if op == "Concat":  # the class token, a parameter, comes first and has no roles
         return {out: _concat(node, info, ins)}
+    if op == "Einsum":
+        return {out: _einsum(node, roles, dynamic)}
     if x is None:
         return {}
+    if op in ("Expand", "Tile", "GatherElements"):
+        return {out: _copied(node, info, x, oshape)}
     if op == "Transpose":
         perm = _attr(node, "perm", list(reversed(range(len(x)))))
         return {out: tuple(x[p] for p in perm)}
@@ -216,6 +220,60 @@ def _node_roles(
     return {}
 
 
+def _copied(node: onnx.NodeProto, info: TensorInfo, x: Roles, oshape: Sequence[Any] | None) -> Roles | None:
+    """Expand, Tile, GatherElements: an axis keeps its role where its positions stay where they
+    were (not broadcast from size 1, not tiled, not the gathered axis); the others are unknown."""
+    shape = info.shape(node.input[0])
+    if node.op_type == "Expand":
+        if oshape is None or shape is None or len(oshape) < len(x):
+            return None
+        lead = len(oshape) - len(x)
+        kept = [r if shape[a] != 1 or oshape[lead + a] == 1 else UNKNOWN for a, r in enumerate(x)]
+        return (*([UNKNOWN] * lead), *kept)
+    if node.op_type == "Tile":
+        repeats = _ints(info, node.input[1])
+        if repeats is None or len(repeats) != len(x):
+            return None
+        return tuple(r if int(k) == 1 else UNKNOWN for r, k in zip(x, repeats))
+    axis = int(_attr(node, "axis", 0)) % len(x)
+    index = info.shape(node.input[1])
+    if shape is None or index is None or len(index) != len(x):
+        return None
+    same = [index[a] is not None and index[a] == shape[a] for a in range(len(x))]
+    return tuple(r if a != axis and same[a] else UNKNOWN for a, r in enumerate(x))
+
+
+def _einsum(node: onnx.NodeProto, roles: dict[str, Roles], dynamic: set[str]) -> Roles | None:
+    """An output letter has the role its activation operands agree on; the one output letter
+    that only weights carry (nchw,oc->nohw: a linear map of the channels) is channels."""
+    equation = str(_attr(node, "equation", b"").decode()).replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    found: dict[str, set[str]] = {}
+    in_activation: set[str] = set()
+    for term, name in zip(terms, node.input):
+        if name in dynamic:
+            in_activation.update(term)
+        r = roles.get(name)
+        if r is None or len(r) != len(term):
+            continue
+        for c, role in zip(term, r):
+            found.setdefault(c, set()).add(role)
+    weights_only = [c for c in out if c not in in_activation]
+    result = []
+    for c in out:
+        known = found.get(c, set()) - {UNKNOWN}
+        if len(known) == 1:
+            result.append(known.pop())
+        elif c in weights_only and len(weights_only) == 1:
+            result.append(CHANNELS)
+        else:
+            result.append(UNKNOWN)
+    return tuple(result)
+
+
 def _ints(info: TensorInfo, name: str) -> np.ndarray | None:
     """An integer input's value at prepare time: a constant, or what a shape subgraph computes."""
     value = info.const(name)
@@ -238,8 +296,8 @@ def reduce_axes(node: onnx.NodeProto, info: TensorInfo, rank: int) -> set[int] |
         if value is None:
             return None
         axes = value.tolist()
-    if axes is None:
-        return set(range(rank))
+    if not axes:  # none given, or an empty list: all axes, unless noop_with_empty_axes (the identity)
+        return set() if _attr(node, "noop_with_empty_axes", 0) else set(range(rank))
     return {int(a) % rank for a in axes}  # type: ignore[union-attr]
 
 

@@ -136,6 +136,8 @@ def prepare_model(
                 "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
             )
     if info.dtype(reduction) not in FLOAT_TYPES:
+        for feature in features:  # an integer score after ArgMax, TopK's Indices, NMS: name that op
+            layers.check_differentiable(graph, feature, reduction)
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} is an integer (quantized) tensor: to fix this, name the float "
             "tensor dequantized from it with --reduction-layer"
@@ -180,7 +182,8 @@ def prepare_model(
         outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, target_input)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
-        raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
+        later = layers.downstream_candidates(graph, info, reduction, after)
+        raise err.with_alternatives(later, layers.scores_before(graph, info, err.node_name, features)) from None
 
     renamed: dict[str, str] = {}
     produced = {o for node in b.nodes for o in node.output}
