@@ -31,7 +31,11 @@ def load_array(path: str | os.PathLike[str], shape: Sequence[object], dtype: typ
                 "per file, with or without the batch axis"
             )
         arr = arr[0]
-    want = ["N" if i == 0 else d if isinstance(d, int) and d > 0 else "?" for i, d in enumerate(shape)]
+    want = (
+        "["
+        + ", ".join("N" if i == 0 else str(d) if isinstance(d, int) and d > 0 else "?" for i, d in enumerate(shape))
+        + "]"
+    )
     fixed = [(i, d) for i, d in enumerate(shape[1:]) if isinstance(d, int) and d > 0]
     if arr.ndim != len(shape) - 1 or any(arr.shape[i] != d for i, d in fixed):
         raise BadInputError(
