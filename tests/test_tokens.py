@@ -324,3 +324,62 @@ def test_image_models_take_npy_arrays(tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", x[0, :, :8])
     res = CliRunner().invoke(main, ["explain", str(src), str(tmp_path / "bad.npy"), "-o", str(tmp_path / "o2")])
     assert res.exit_code == 1 and "[N, 3, 16, 16]" in res.stderr, res.stderr
+
+
+def test_onehot_op_int64_tokens_equal_torch_autograd(tmp_path: Path, record_property) -> None:
+    """Token ids [N, T] int64 through ONNX's OneHot (torch's F.one_hot), a Conv1d and a mean over
+    T: the layout is read from the ids (the one-hot adds C), and dS/dA and the map at the ReLU equal
+    torch autograd in float64 (1e-5 relative; float32 forward)."""
+    torch.manual_seed(1)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(16, 8, 3, padding=1)
+            self.act = torch.nn.ReLU()
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            one = torch.nn.functional.one_hot(ids, 16).to(self.conv.weight.dtype)  # [N, T, 16]
+            return self.fc(self.act(self.conv(one.transpose(1, 2))).mean(dim=2))
+
+    model = Tokens().eval()
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 40, dtype=torch.int64),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["ids"],
+        output_names=["logits"],
+        dynamic_axes={"ids": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    source = onnx.load(str(path))
+    assert "OneHot" in {n.op_type for n in source.graph.node}
+    source.ir_version = 8
+    prepared, report = prepare_model(source, expose_gradient=True)
+    assert report.feature_tensor == "/act/Relu_output_0" and report.feature_layout == "NCT"
+    ids = np.random.RandomState(0).randint(0, 16, (3, 40)).astype(np.int64)
+    classes = np.array([0, 3, 4], np.int64)
+    got = dict(
+        zip(
+            [o.name for o in prepared.graph.output],
+            cpu_session(prepared.SerializeToString()).run(
+                [o.name for o in prepared.graph.output], {"ids": ids, "gradcam_class": classes}
+            ),
+        )
+    )
+    net = copy.deepcopy(model).double()
+    store = hooked(net.act)
+    net(torch.from_numpy(ids))[torch.arange(3), torch.from_numpy(classes)].sum().backward()
+    a, g = store["a"].detach().numpy(), store["g"].numpy()
+    raw = gradcam_reference(a, g)
+    lo, hi = raw.min(axis=1, keepdims=True), raw.max(axis=1, keepdims=True)
+    errors = {
+        "gradient": rel_err(got["gradcam_gradient"], g),
+        "raw": rel_err(got["gradcam_raw"], raw),
+        "map": rel_err(got["gradcam_map"], (raw - lo) / (hi - lo)),  # T' = T: no resampling
+    }
+    record_property("relative_errors", errors)
+    assert max(errors.values()) < 1e-5, errors

@@ -85,8 +85,9 @@ def differentiable_sources(graph: onnx.GraphProto, info: TensorInfo, image: str)
 
 def embedding_outputs(graph: onnx.GraphProto, info: TensorInfo, ids: str) -> list[str]:
     """The float tensors an integer input's values first become, position by position: Gather from
-    a float table (nn.Embedding), OneHot, and Cast to float of Equal with a constant that adds an
-    axis (a one-hot by broadcasting, as tf2onnx and hand-written exports do). Other float tensors
+    a float table (nn.Embedding), OneHot (float, or integer and then Cast to float), and Cast to
+    float of Equal with a constant that adds an axis (a one-hot by broadcasting, as tf2onnx and
+    hand-written exports do). Other float tensors
     made from the ids (an attention mask: Cast(Equal(ids, 0))) are not embeddings: no gradient
     path to the score starts there that a feature map should explain."""
     integer = {ids}  # integer or boolean tensors computed from the ids
@@ -105,8 +106,8 @@ def embedding_outputs(graph: onnx.GraphProto, info: TensorInfo, ids: str) -> lis
         if op == "OneHot" and node.input[0] in integer and info.dtype(out) in _FLOAT_TYPES:
             found.append(out)
             continue
-        if op == "Equal" and _adds_axis(info, [i for i in node.input if i in integer], out):
-            one_hot.add(out)
+        if (op == "OneHot" and node.input[0] in integer) or (op == "Equal" and _adds_axis(info, read, out)):
+            one_hot.add(out)  # an integer or boolean one-hot (torch's F.one_hot is int64), cast later
         if op == "Cast" and node.input[0] in one_hot and info.dtype(out) in _FLOAT_TYPES:
             found.append(out)
             continue
