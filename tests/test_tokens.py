@@ -383,3 +383,71 @@ def test_onehot_op_int64_tokens_equal_torch_autograd(tmp_path: Path, record_prop
     }
     record_property("relative_errors", errors)
     assert max(errors.values()) < 1e-5, errors
+
+
+def _keras_byte_model() -> Path:
+    """tf2onnx 1.17's export of a Keras byte CNN (random weights, fixed seed), cached: tf.one_hot
+    (OneHot), Conv1D (Unsqueeze, Transpose, Conv, Squeeze, Transpose: channels-last again), the
+    LayerNormalization spelled with GlobalAveragePool over the channels, Neg, Sub, Mul, Sqrt,
+    Reciprocal, GlobalMaxPooling1D as ReduceMax over T, Dense as MatMul and Add."""
+    path = ROOT / ".cache" / "bytes" / "keras_bytes_tf2onnx.onnx"
+    if path.is_file():
+        return path
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    import tensorflow as tf
+    import tf2onnx
+
+    tf.keras.utils.set_random_seed(0)
+
+    class OneHot(tf.keras.layers.Layer):
+        def call(self, x):  # type: ignore[no-untyped-def]
+            return tf.one_hot(x, 256)
+
+    inp = tf.keras.Input((train_bytes.LENGTH,), dtype="int32")
+    h = tf.keras.layers.Conv1D(32, 6, strides=2)(OneHot()(inp))
+    h = tf.keras.layers.ReLU()(tf.keras.layers.LayerNormalization()(h))
+    out = tf.keras.layers.Dense(4)(tf.keras.layers.GlobalMaxPooling1D()(h))
+    spec = (tf.TensorSpec((None, train_bytes.LENGTH), tf.int32, name="bytes"),)
+    proto, _ = tf2onnx.convert.from_keras(tf.keras.Model(inp, out), input_signature=spec, opset=13)
+    proto.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_tf2onnx_byte_model_layouts() -> None:
+    """The tf2onnx export's layouts are read from the ids: the one-hot [N, T, 256] and the ReLU
+    [N, T', 32] are NTC, the conv between them NC1T, and the default feature tensor is the ReLU."""
+    from onnx_gradcam.api import layers
+
+    _, found = layers(_keras_byte_model())
+    by_op = {c.op_type: c for c in found}
+    assert by_op["OneHot"].layout == "NTC" and by_op["Conv"].layout == "NC1T"
+    (default,) = [c for c in found if c.default]
+    assert default.op_type == "Relu" and default.layout == "NTC" and default.shape[1:] == (1022, 32)
+
+
+@pytest.mark.slow
+def test_tf2onnx_byte_model_gradient_through_reduce_max() -> None:
+    """Once ReduceMax has a rule (another branch adds it): the prepared tf2onnx model's gradient at
+    the ReLU equals the analytic one, dS/dA[n, t, c] = W[c, k] where t is the first argmax of
+    A[n, :, c] over T (ReduceMax's gradient, the Dense weight W), 0 elsewhere."""
+    from onnx_gradcam.autodiff.registry import RULES
+
+    if "ReduceMax" not in RULES:
+        pytest.skip("ReduceMax has no gradient rule on this branch (it is being added on another)")
+    source = onnx.load(str(_keras_byte_model()))
+    prepared, report = prepare_model(source, expose_gradient=True)
+    x, _, _ = _balanced(per_class=1)
+    classes = np.array([0, 1, 2, 3], np.int64)
+    names = [o.name for o in prepared.graph.output]
+    got = dict(zip(names, cpu_session(prepared.SerializeToString()).run(names, {"bytes": x, "gradcam_class": classes})))
+    a = got["gradcam_features"]
+    weight = next(onnx.numpy_helper.to_array(t) for t in source.graph.initializer if t.dims == [32, 4])
+    want = np.zeros_like(a)
+    for n, k in enumerate(classes):
+        first = a[n].argmax(axis=0)
+        want[n, first, np.arange(a.shape[2])] = weight[:, k]
+    assert rel_err(got["gradcam_gradient"], want) < 1e-6
