@@ -451,3 +451,27 @@ def test_tf2onnx_byte_model_gradient_through_reduce_max() -> None:
         first = a[n].argmax(axis=0)
         want[n, first, np.arange(a.shape[2])] = weight[:, k]
     assert rel_err(got["gradcam_gradient"], want) < 1e-6
+
+
+def test_plot_tokens_draws_each_ids_map_value_beneath_it() -> None:
+    """The bar beneath the ids holds one cell per id, coloured by the map at that id, in order; a
+    map of another length is resampled to one value per id."""
+    from onnx_gradcam import plot_tokens
+    from onnx_gradcam.explain.overlay import colorize
+
+    ids = np.frombuffer(b"%PDF-1.7 \x00\x01\xff\x89PNG", np.uint8)
+    cam = np.linspace(0, 1, len(ids))
+    for given in (cam, np.interp(np.linspace(0, 1, 3 * len(ids)), np.linspace(0, 1, len(ids)), cam)):
+        img = np.asarray(plot_tokens(ids, given, "jet", per_row=len(ids)))
+        coloured = [(y, img[y]) for y in range(img.shape[0])]
+        # the bar: the pixel row with the most saturated pixels (text is black and grey)
+        y, line = max(coloured, key=lambda r: int(np.sum(r[1].max(axis=1).astype(int) - r[1].min(axis=1) > 60)))
+        runs = [
+            tuple(p)
+            for k, p in enumerate(line)
+            if (k == 0 or tuple(p) != tuple(line[k - 1])) and tuple(p) != (255, 255, 255)
+        ]
+        want = [tuple(c) for c in colorize(cam, "jet")]
+        assert runs == want, (y, runs[:4], want[:4])
+    tokens = plot_tokens(np.array([300, 7, 65535]), np.array([0.0, 0.5, 1.0]))  # not bytes: numbers
+    assert tokens.size[0] > 3 * 30
