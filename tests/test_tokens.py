@@ -4,7 +4,8 @@ The byte CNN of tools/train_bytes.py (trained here in 10-20 s on 1 thread, or re
 .cache/bytes/; the whole file takes about 45 s from nothing, 6 s cached) tells synthetic "file
 types" by a 4-byte magic number at a random offset; it is exported with its embedding as Gather
 and as an Equal + Cast one-hot. The map over the 2048 bytes must peak on the magic number, and
-the gradient at the feature tensor must equal torch autograd in float64. A small untrained byte model checks the command line's --bytes and --pad.
+the gradient at the feature tensor must equal torch autograd in float64. A small untrained byte
+model checks the command line's --bytes and --pad.
 """
 
 from __future__ import annotations
