@@ -1,4 +1,5 @@
-"""The verbs users call from Python: prepare(), prepare_model() and Explainer (plus the overlay helper).
+"""The verbs users call from Python: prepare(), prepare_model() and Explainer (plus the overlay helper,
+and for byte and token models load_bytes and plot_tokens).
 
 prepare and prepare_model check what they built (explain/verify.py) before handing it over.
 """
@@ -15,6 +16,7 @@ from .autodiff.context import TensorInfo
 from .errors import BadInputError
 from .explain.explainer import Explainer, ExplainResult
 from .explain.overlay import overlay
+from .explain.tokens import load_bytes, plot_tokens
 from .explain.verify import verify_prepared
 from .surgery import layers as layer_choice
 from .surgery import prepare as surgery
@@ -147,4 +149,14 @@ def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) ->
     return reduction, layer_choice.candidates(graph, info, reduction)
 
 
-__all__ = ["prepare", "prepare_model", "default_output", "layers", "Explainer", "ExplainResult", "overlay"]
+__all__ = [
+    "prepare",
+    "prepare_model",
+    "default_output",
+    "layers",
+    "Explainer",
+    "ExplainResult",
+    "overlay",
+    "load_bytes",
+    "plot_tokens",
+]

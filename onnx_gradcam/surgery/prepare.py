@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .._version import __version__
 from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
-from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
+from ..errors import BadInputError, LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
 from . import layout as axes
 from .load import default_opset, min_ir_version, upgrade_opset
@@ -146,7 +146,12 @@ def prepare_model(
     image = layers.image_input(graph, info)
     image_shape = info.shape(image)
     assert image_shape is not None
-    input_layout = axes.image_layout(image_shape)
+    input_layout = axes.image_layout(image_shape, layers.is_token_input(info, image))
+    if guided and input_layout == axes.TOKEN_IDS:
+        raise BadInputError(
+            f"--guided draws the gradient at the input, but {image!r} holds integer ids, which have none: to fix "
+            "this, leave out --guided (the Grad-CAM map over the ids needs no gradient there)"
+        )
     layouts = _feature_layouts(graph, info, features, layout, image_shape, input_layout)
     spec = cam.CamSpec(
         tuple(features),
@@ -263,7 +268,7 @@ def _feature_layouts(
     """Each feature tensor's layout: the one the user gave, else the graph's; an error for a
     tensor whose layout neither tells (a guess could be a wrong map)."""
     found = layers.feature_layouts(graph, info)
-    spatial_rank = len(image_shape) - 2
+    spatial_rank = axes.spatial_rank(image_shape, input_layout)
     image_spatial = [image_shape[i] for i in cam.spatial_axes(image_shape, input_layout)]
     result = {}
     for f in features:
