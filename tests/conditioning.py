@@ -9,6 +9,11 @@ excuse it. Each check's margin is recorded and summarised per test file at the e
 Usage: a test runs the prepared model on `with_nudged(x)` (x, then x nudged by a relative 1e-6,
 as float32), compares every sample with `well_conditioned(reference, that batch, tol, label)`,
 and so asserts the same verdict for the nudged input.
+
+Where a random input puts a ReLU input of a deep head within float32 rounding of zero on this CPU
+(measured: 2 of the 28 torchvision cases on an AVX-512 CPU, none on an AVX2 one), a test may try
+the next input of a fixed list (`conditioned_input`): the verdict is then given at an input whose
+reference is well-conditioned here, and the case never passes for want of one.
 """
 
 from __future__ import annotations
@@ -50,6 +55,25 @@ def _both(reference: Reference, x: np.ndarray) -> tuple[dict[str, np.ndarray], d
     return reference(np.asarray(x, np.float64), "float64"), reference(np.asarray(x, np.float32), "float32")
 
 
+class IllConditioned(AssertionError):
+    """torch float32 and float64 disagree on a reference: no verdict can be given at this input."""
+
+
+def conditioned_input(
+    candidates: int, check: Callable[[int], dict[str, np.ndarray]], label: str
+) -> tuple[int, dict[str, np.ndarray]]:
+    """(seed, the check's result) for the first seed in range(candidates) whose check (a call of
+    well_conditioned on the input made from that seed) passes; the last IllConditioned otherwise."""
+    for seed in range(candidates):
+        try:
+            return seed, check(seed)
+        except IllConditioned:
+            if seed == candidates - 1:
+                raise
+            print(f"{label}: input {seed} ill-conditioned on this CPU, trying input {seed + 1}")
+    raise AssertionError("no candidates")
+
+
 def well_conditioned(
     reference: Reference, x: np.ndarray, tol: float, label: str, tols: dict[str, float] | None = None
 ) -> dict[str, np.ndarray]:
@@ -60,10 +84,11 @@ def well_conditioned(
     for name, ref in exact.items():
         t = (tols or {}).get(name, tol)
         e32 = per_sample_error(single[name], ref)
-        assert e32 <= SHARE * t, (
-            f"{label}: {name} is ill-conditioned: torch float32 differs from float64 by {e32:.2e}, more than "
-            f"{SHARE:g} of the tolerance {t:g}; condition the model (tools/export_torchvision.py: condition)"
-        )
+        if e32 > SHARE * t:
+            raise IllConditioned(
+                f"{label}: {name} is ill-conditioned: torch float32 differs from float64 by {e32:.2e}, more than "
+                f"{SHARE:g} of the tolerance {t:g}; condition the model (tools/export_torchvision.py: condition)"
+            )
         worst = max(worst, e32 / t)
     _record(label, worst)
     return exact
