@@ -19,6 +19,7 @@ from .rules import (
     normalization,
     pooling,
     quantization,
+    recurrent,
     reduction,
     resize,
     shape,
@@ -101,6 +102,16 @@ RULES: dict[str, Rule] = {
     "com.microsoft.QLinearLeakyRelu": quantization.qlinear_leaky_relu,
     "com.microsoft.QLinearSoftmax": quantization.qlinear_softmax,
 }
+
+# -- recurrent ops (LSTM, GRU, RNN): input sequence and initial states --------------------------
+RULES.update(
+    {
+        "LSTM": recurrent.lstm,
+        "GRU": recurrent.gru,
+        "RNN": recurrent.rnn,
+    }
+)
+# -- end recurrent ops ---------------------------------------------------------------------------
 
 # Inputs that carry gradient, where not all of them do. Ops listed with () carry none:
 # their outputs are shapes, indices or booleans, constants as far as gradients go.
