@@ -935,4 +935,17 @@ RECURRENT_LAYOUT1_CASES: dict[str, list[Case]] = {
     ],
     "RNN": [_gru_case("RNN", "layout1_bidirectional", dirs=2, layout=1, direction="bidirectional")],
 }
+# Concat at opset 12 (Split takes its sizes as an attribute there; torch's LSTM exports reach it)
+CASES["Concat"] = [
+    *CASES["Concat"],
+    Case("opset12", [x_(rnd(2, 3, 2)), x_(rnd(2, 1, 2, seed=1), "b")], attrs={"axis": 1}, wrt=("x", "b"), opset=12),
+    Case(
+        "opset12_run_time_sizes",
+        [x_(rnd(2, 3, 2)), x_(rnd(2, 1, 2, seed=1), "b")],
+        attrs={"axis": 1},
+        wrt=("x", "b"),
+        opset=12,
+        symbolic=(1,),
+    ),
+]
 # -- end recurrent ops ------------------------------------------------------------------------------

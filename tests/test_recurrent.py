@@ -1,0 +1,148 @@
+"""LSTM, GRU and RNN gradients beyond ring 1: layout 1 (which onnxruntime refuses) in onnx's
+reference evaluator in float64, and torch's nn.LSTM / nn.GRU (bidirectional, 2 layers, behind a
+Conv) exported at opset 12 and 17 against torch autograd in float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from onnx_gradcam.errors import UnsupportedOpError
+
+from .conftest import cpu_session, rel_err
+from .rule_cases import RECURRENT_LAYOUT1_CASES, Case
+from .test_rules import _forward_model, _gradient_model
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+EXACT = 1e-4  # float32 onnxruntime against float64 autograd, relative to the largest magnitude
+
+
+def _in_float64(case: Case) -> Case:
+    inputs = [(n, v if v is None or np.asarray(v).dtype.kind != "f" else np.asarray(v, np.float64), c)
+              for n, v, c in case.inputs]  # fmt: skip
+    return Case(case.id, inputs, attrs=case.attrs, wrt=case.wrt, opset=case.opset, outputs=case.outputs,
+                dtype=np.float64)  # fmt: skip
+
+
+LAYOUT1 = [(op, case, wrt) for op, cases in RECURRENT_LAYOUT1_CASES.items() for case in cases for wrt in case.wrt]
+
+
+@pytest.mark.parametrize(("op", "case", "wrt"), LAYOUT1, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_layout1_matches_finite_differences_in_the_reference_evaluator(op: str, case: Case, wrt: str) -> None:
+    case = _in_float64(case)
+    fwd = _forward_model(op, case)
+    feeds = {n: v for n, v, const in case.inputs if not const and v is not None}
+    run_fwd = ReferenceEvaluator(fwd)
+    outs = run_fwd.run(None, feeds)
+    rs = np.random.RandomState(1)
+    seeds = {f"y{i}": rs.uniform(-1, 1, o.shape) for i, o in enumerate(outs)}
+    grad_model = _gradient_model(fwd, wrt, seeds, case.opset)
+    onnx.checker.check_model(grad_model, full_check=True)
+    (analytic,) = ReferenceEvaluator(grad_model).run(None, {**feeds, **{f"seed_{k}": v for k, v in seeds.items()}})
+
+    def loss(values: dict[str, np.ndarray]) -> float:
+        return float(sum(np.sum(y * seeds[f"y{i}"]) for i, y in enumerate(run_fwd.run(None, values))))
+
+    base, step = feeds[wrt], 1e-6
+    numeric = np.zeros(base.shape)
+    for idx in np.ndindex(base.shape):
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += step
+        minus[idx] -= step
+        numeric[idx] = (loss({**feeds, wrt: plus}) - loss({**feeds, wrt: minus})) / (2 * step)
+    err = rel_err(analytic, numeric)
+    assert err < 1e-6, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e}"
+
+
+class ConvRecurrent(nn.Module):
+    """Conv1d over [N, C, T], the steps as a sequence-first [T, N, C] input of a bidirectional
+    2-layer LSTM or GRU, a Linear per step: a per-step score sequence [T, N, K]."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        rnn = nn.LSTM if kind == "lstm" else nn.GRU
+        self.rnn = rnn(6, 5, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        seq = torch.tanh(self.conv(x)).permute(2, 0, 1)  # [T, N, 6]
+        y, _ = self.rnn(seq)
+        return self.fc(y)  # [T, N, 4]
+
+
+class BatchFirst(nn.Module):
+    """A batch-first bidirectional 2-layer LSTM or GRU straight on the input [N, T, I]; the score
+    reads the last step's output and the final hidden states."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        rnn = nn.LSTM if kind == "lstm" else nn.GRU
+        self.kind = kind
+        self.rnn = rnn(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        y, state = self.rnn(x)
+        h = state[0] if self.kind == "lstm" else state
+        out = torch.cat([y[:, -1], h.permute(1, 0, 2).flatten(1)], 1)
+        return out if self.kind != "lstm" else torch.cat([out, state[1].permute(1, 0, 2).flatten(1)], 1)
+
+
+def _export(net: nn.Module, x: torch.Tensor, path: Path, opset: int) -> onnx.ModelProto:
+    torch.onnx.export(net.eval(), x, str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    model = onnx.load(str(path))
+    model.ir_version = min(model.ir_version, 8)
+    return model
+
+
+def _onnx_gradient(model: onnx.ModelProto, x: np.ndarray, seed: np.ndarray, opset: int) -> np.ndarray:
+    fwd = onnx.ModelProto()
+    fwd.CopyFrom(model)
+    grad_model = _gradient_model(fwd, "x", {"y": seed}, opset)
+    (got,) = cpu_session(grad_model.SerializeToString()).run(None, {"x": x, "seed_y": seed})
+    return np.asarray(got)
+
+
+def _torch_gradient(net: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    net64 = net.double()
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    (net64(xt) * torch.from_numpy(seed.astype(np.float64))).sum().backward()
+    net.float()
+    return xt.grad.numpy()
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("model", ["conv", "batch_first"])
+def test_torch_bidirectional_two_layers_match_autograd(tmp_path: Path, opset: int, kind: str, model: str) -> None:
+    torch.manual_seed(0)
+    net = ConvRecurrent(kind) if model == "conv" else BatchFirst(kind)
+    x = np.random.default_rng(0).standard_normal((2, 3, 7) if model == "conv" else (2, 7, 4)).astype(np.float32)
+    exported = _export(net, torch.from_numpy(x), tmp_path / "net.onnx", opset)
+    assert sum(n.op_type in ("LSTM", "GRU") for n in exported.graph.node) == 2
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()
+    seed = np.random.default_rng(1).uniform(-1, 1, out.shape).astype(np.float32)
+    got = _onnx_gradient(exported, x, seed, opset)
+    ref = _torch_gradient(net, x, seed)
+    err = rel_err(got, ref)
+    assert err < EXACT, f"{kind}/{model} opset {opset}: relative error {err:.2e}"
+
+
+def test_dynamic_sequence_length_is_a_clear_error(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = BatchFirst("gru")
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(net.eval(), torch.randn(1, 5, 4), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n", 1: "t"}})  # fmt: skip
+    model = onnx.load(str(path))
+    model.ir_version = 8
+    with pytest.raises(UnsupportedOpError, match="sequence length not known at prepare time"):
+        _gradient_model(model, "x", {"y": np.zeros((1, 24), np.float32)}, 17)
