@@ -106,12 +106,13 @@ def concat(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     if rank is None:
         raise ctx.unsupported(node, "an output of unknown rank")
     axis = norm_axis(int(ctx.attrs(node)["axis"]), rank)
-    if ctx.opset < 13:  # Split's sizes are an attribute before opset 13
+    pieces: list[str]
+    if len(node.input) == 1:
+        pieces = [dy]
+    elif ctx.opset < 13:  # Split's sizes are an attribute before opset 13
         pieces = _split_before_13(ctx, dy, node.input, axis)
     else:
         pieces = ctx.b.op("Split", [dy, _axis_sizes(ctx, node.input, axis)], axis=axis, outputs=len(node.input))
-    if len(node.input) == 1:
-        pieces = [pieces]
     return [p if w else None for p, w in zip(pieces, wrt)]
 
 
