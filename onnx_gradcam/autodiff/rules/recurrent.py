@@ -413,8 +413,9 @@ def _dx(ctx: RuleContext, cell: _Cell, dz_steps: dict[int, str], p: _Plan, w: np
 
 
 def gru(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """z = f(X Wz' + H Rz' + bz), r = f(X Wr' + H Rr' + br), h~ = g(X Wh' + (r H) Rh' + Rbh + Wbh)
-    (linear_before_reset: g(X Wh' + r (H Rh' + Rbh) + Wbh)), H' = (1 - z) h~ + z H:  dX_t = dZ_t W, dH = ...
+    """z = f(X Wz' + H Rz' + bz), r = f(X Wr' + H Rr' + br), h~ = g(a), a = X Wh' + (r H) Rh' + Rbh + Wbh
+    (linear_before_reset: a = X Wh' + r (H Rh' + Rbh) + Wbh), H' = (1 - z) h~ + z H:  da = dH' (1 - z) g'(a),
+    dz = dH' (H - h~) f'(z), dr = (da Rh) H f'(r), dX_t = [dz, dr, da] W, dH = dH' z + (da Rh) r + [dz, dr] Rzr.
 
     Backward over the unrolled steps of each direction, the gates recomputed from Y (the hidden
     states); dz = f'(z) * upstream inside |z| < clip; padded steps pass dH through.
