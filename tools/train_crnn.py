@@ -1,6 +1,6 @@
 """Train a tiny CRNN text recogniser on synthetic digit strings, for the recurrent-gradient tests.
 
-    python tools/train_crnn.py [--out .cache/models] [--steps 500]
+    python tools/train_crnn.py [--out .cache/models] [--steps 400]
 
 Data (fixed seeds): 32x128 grayscale images holding 4 digits drawn with PIL's default font at a
 random size, gaps and vertical jitter, on a noisy background; each of the 32 output columns
@@ -97,7 +97,7 @@ def build():  # type: ignore[no-untyped-def]
     return CRNN()
 
 
-def train(out_dir: Path, steps: int = 500, seed: int = 0) -> Path:
+def train(out_dir: Path, steps: int = 400, seed: int = 0) -> Path:
     import torch
 
     torch.set_num_threads(1)
@@ -140,7 +140,7 @@ def train(out_dir: Path, steps: int = 500, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(".cache/models"))
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
     train(args.out, args.steps)
 
