@@ -829,7 +829,13 @@ def _rnn_inputs(gates: int, dirs: int, layout: int = 0, lens: Any = None, cell: 
 
 
 def _lstm_case(
-    id: str, dirs: int = 1, layout: int = 0, lens: Any = None, peepholes: bool = False, **attrs: Any
+    id: str,
+    dirs: int = 1,
+    layout: int = 0,
+    lens: Any = None,
+    peepholes: bool = False,
+    dynamic: bool = False,
+    **attrs: Any,
 ) -> Case:
     inputs = _rnn_inputs(4, dirs, layout, lens, cell=True)
     if peepholes:
@@ -842,10 +848,13 @@ def _lstm_case(
         opset=14,
         outputs=3,
         dtype=F32,
+        symbolic=(0,) if dynamic else (),  # the sequence length at run time: the Loop path
     )
 
 
-def _gru_case(op: str, id: str, dirs: int = 1, layout: int = 0, lens: Any = None, **attrs: Any) -> Case:
+def _gru_case(
+    op: str, id: str, dirs: int = 1, layout: int = 0, lens: Any = None, dynamic: bool = False, **attrs: Any
+) -> Case:
     inputs = _rnn_inputs(3 if op == "GRU" else 1, dirs, layout, lens, seed=20)
     return Case(
         id,
@@ -855,6 +864,7 @@ def _gru_case(op: str, id: str, dirs: int = 1, layout: int = 0, lens: Any = None
         opset=14,
         outputs=2,
         dtype=F32,
+        symbolic=(0,) if dynamic else (),
     )
 
 
@@ -871,6 +881,15 @@ RECURRENT_CASES: dict[str, list[Case]] = {
             direction="bidirectional",
         ),
         _lstm_case("input_forget_peepholes", peepholes=True, input_forget=1),
+        _lstm_case(
+            "run_time_length_bidirectional_peepholes_lens",
+            dirs=2,
+            lens=[3, 4],
+            peepholes=True,
+            dynamic=True,
+            direction="bidirectional",
+        ),
+        _lstm_case("run_time_length_reverse_input_forget", dynamic=True, input_forget=1, direction="reverse"),
         _lstm_case(
             "bidirectional_activations",
             dirs=2,
@@ -898,6 +917,10 @@ RECURRENT_CASES: dict[str, list[Case]] = {
         ),
         _gru_case("GRU", "reverse_clip_lens", lens=[4, 3], clip=0.6, direction="reverse"),
         _gru_case(
+            "GRU", "run_time_length_bidirectional_lens", dirs=2, lens=[2, 4], dynamic=True, direction="bidirectional"
+        ),
+        _gru_case("GRU", "run_time_length_linear_before_reset", dynamic=True, linear_before_reset=1),
+        _gru_case(
             "GRU",
             "activations",
             activations=["HardSigmoid", "Softsign"],
@@ -918,6 +941,9 @@ RECURRENT_CASES: dict[str, list[Case]] = {
             activation_beta=[0.6],
         ),
         _gru_case("RNN", "reverse_clip", clip=0.5, direction="reverse"),
+        _gru_case(
+            "RNN", "run_time_length_bidirectional_lens", dirs=2, lens=[3, 1], dynamic=True, direction="bidirectional"
+        ),
         _gru_case("RNN", "thresholded_relu", activations=["ThresholdedRelu"], activation_alpha=[0.05]),
     ],
 }

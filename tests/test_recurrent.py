@@ -13,7 +13,6 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from onnx_gradcam import prepare
-from onnx_gradcam.errors import UnsupportedOpError
 from onnx_gradcam.explain.seeds import region_seed
 
 from .conftest import cpu_session, rel_err
@@ -140,16 +139,27 @@ def test_torch_bidirectional_two_layers_match_autograd(tmp_path: Path, opset: in
     assert err < EXACT, f"{kind}/{model} opset {opset}: relative error {err:.2e}"
 
 
-def test_dynamic_sequence_length_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_run_time_sequence_length_loops_and_matches_autograd(tmp_path: Path, kind: str) -> None:
+    """A sequence length unknown at prepare time: the backward pass is a Loop; one gradient model
+    serves lengths 1, 5 and 9."""
     torch.manual_seed(0)
-    net = BatchFirst("gru")
+    net = BatchFirst(kind)
     path = tmp_path / "dyn.onnx"
-    torch.onnx.export(net.eval(), torch.randn(1, 5, 4), str(path), dynamo=False, opset_version=17, input_names=["x"],
+    torch.onnx.export(net.eval(), torch.randn(2, 5, 4), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n", 1: "t"}})  # fmt: skip
     model = onnx.load(str(path))
     model.ir_version = 8
-    with pytest.raises(UnsupportedOpError, match="sequence length not known at prepare time"):
-        _gradient_model(model, "x", {"y": np.zeros((1, 24), np.float32)}, 17)
+    width = 36 if kind == "gru" else 60  # y[:, -1] (12), final h (24), final c (24)
+    seed = np.random.default_rng(1).uniform(-1, 1, (2, width)).astype(np.float32)
+    grad_model = _gradient_model(model, "x", {"y": seed}, 17)
+    assert any(n.op_type == "Loop" for n in grad_model.graph.node)
+    session = cpu_session(grad_model.SerializeToString())
+    for length in (1, 5, 9):
+        x = np.random.default_rng(length).standard_normal((2, length, 4)).astype(np.float32)
+        (got,) = session.run(None, {"x": x, "seed_y": seed})
+        err = rel_err(got, _torch_gradient(net, x, seed))
+        assert err < EXACT, f"{kind}, length {length}: relative error {err:.2e}"
 
 
 # -- a CRNN text recogniser trained on rendered digit strings (tools/train_crnn.py) -------------------
