@@ -959,6 +959,7 @@ RECURRENT_LAYOUT1_CASES: dict[str, list[Case]] = {
         _gru_case("GRU", "layout1_bidirectional", dirs=2, layout=1, direction="bidirectional"),
         _gru_case("GRU", "layout1_reverse_linear_before_reset", layout=1, direction="reverse", linear_before_reset=1),
     ],
+    # no Loop path here: onnx 1.23's reference Loop stacks scan outputs with vstack ([T N, ...])
     "RNN": [_gru_case("RNN", "layout1_bidirectional", dirs=2, layout=1, direction="bidirectional")],
 }
 # Concat at opset 12 (Split takes its sizes as an attribute there; torch's LSTM exports reach it)

@@ -5,11 +5,13 @@ Conv) exported at opset 12 and 17 against torch autograd in float64."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_gradcam import prepare
@@ -17,7 +19,7 @@ from onnx_gradcam.explain.seeds import region_seed
 
 from .conftest import cpu_session, rel_err
 from .float64 import evaluator
-from .rule_cases import RECURRENT_LAYOUT1_CASES, Case
+from .rule_cases import RECURRENT_LAYOUT1_CASES, Case, _gru_case, _lstm_case
 from .test_rules import _forward_model, _gradient_model
 
 torch = pytest.importorskip("torch")
@@ -29,8 +31,7 @@ EXACT = 1e-4  # float32 onnxruntime against float64 autograd, relative to the la
 def _in_float64(case: Case) -> Case:
     inputs = [(n, v if v is None or np.asarray(v).dtype.kind != "f" else np.asarray(v, np.float64), c)
               for n, v, c in case.inputs]  # fmt: skip
-    return Case(case.id, inputs, attrs=case.attrs, wrt=case.wrt, opset=case.opset, outputs=case.outputs,
-                dtype=np.float64)  # fmt: skip
+    return replace(case, inputs=inputs, dtype=np.float64)
 
 
 LAYOUT1 = [(op, case, wrt) for op, cases in RECURRENT_LAYOUT1_CASES.items() for case in cases for wrt in case.wrt]
@@ -61,6 +62,81 @@ def test_layout1_matches_finite_differences_in_the_reference_evaluator(op: str, 
         numeric[idx] = (loss({**feeds, wrt: plus}) - loss({**feeds, wrt: minus})) / (2 * step)
     err = rel_err(analytic, numeric)
     assert err < 1e-6, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e}"
+
+
+def _as_layout0(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with each layout-1 recurrent node computed by a layout-0 one between
+    Transposes (onnxruntime refuses layout 1): the node's outputs keep their names and values."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    for n in m.graph.node:
+        layout = next((a.i for a in n.attribute if a.name == "layout"), 0)
+        if n.op_type not in ("LSTM", "GRU", "RNN") or layout != 1:
+            nodes.append(n)
+            continue
+        ins, outs = list(n.input), list(n.output)
+        for i in (0, 5, 6):
+            if i < len(ins) and ins[i]:
+                nodes.append(helper.make_node("Transpose", [ins[i]], [f"{n.name}_in{i}"], perm=[1, 0, 2]))
+                ins[i] = f"{n.name}_in{i}"
+        inner = [f"{n.name}_out{i}" if o else "" for i, o in enumerate(outs)]
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name != "layout"}
+        nodes.append(helper.make_node(n.op_type, ins, inner, name=n.name, **attrs))
+        for i, o in enumerate(outs):
+            if o:
+                perm = [2, 0, 1, 3] if i == 0 else [1, 0, 2]
+                nodes.append(helper.make_node("Transpose", [inner[i]], [o], perm=perm))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+# beyond what the reference evaluator computes: sequence_lens, activations, clip
+_ORT_ONLY = {
+    "LSTM": [_lstm_case("layout1_reverse_lens_hardsigmoid", layout=1, lens=[4, 2], direction="reverse",
+                        activations=["HardSigmoid", "Tanh", "Softsign"], activation_alpha=[0.3])],
+    "GRU": [_gru_case("GRU", "layout1_bidirectional_lens", dirs=2, layout=1, lens=[2, 4], direction="bidirectional")],
+    "RNN": [_gru_case("RNN", "layout1_lens_clip", layout=1, lens=[3, 1], clip=0.5)],
+}  # fmt: skip
+
+ORT_LAYOUT1 = [
+    (op, replace(case, id=f"{case.id}{suffix}", symbolic=symbolic), wrt)
+    for op in ("LSTM", "GRU", "RNN")
+    for case in RECURRENT_LAYOUT1_CASES[op] + _ORT_ONLY[op]
+    for suffix, symbolic in (("", ()), ("_run_time_length", (1,)))
+    for wrt in case.wrt
+]
+
+
+@pytest.mark.parametrize(("op", "case", "wrt"), ORT_LAYOUT1, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_layout1_matches_finite_differences_in_onnxruntime(op: str, case: Case, wrt: str) -> None:
+    """Layout 1 in onnxruntime (float32, step 1e-2, 2e-3 as ring 1), the recurrent nodes of the
+    forward and the gradient model run by layout-0 stand-ins; with a static and a run-time length
+    (the Loop path, which onnx's reference evaluator cannot run)."""
+    fwd = _forward_model(op, case)
+    feeds = {n: np.asarray(v, np.float32) for n, v, const in case.inputs if not const and v is not None}
+    run_fwd = cpu_session(_as_layout0(fwd).SerializeToString())
+    outs = run_fwd.run(None, feeds)
+    rs = np.random.RandomState(1)
+    seeds = {f"y{i}": rs.uniform(-1, 1, o.shape).astype(np.float32) for i, o in enumerate(outs)}
+    grad_model = _as_layout0(_gradient_model(fwd, wrt, seeds, case.opset))
+    assert any(n.op_type == "Loop" for n in grad_model.graph.node) == bool(case.symbolic)
+    run_grad = cpu_session(grad_model.SerializeToString())
+    (analytic,) = run_grad.run(None, {**feeds, **{f"seed_{k}": v for k, v in seeds.items()}})
+
+    def loss(values: dict[str, np.ndarray]) -> float:
+        return float(sum(np.sum(np.float64(y) * seeds[f"y{i}"]) for i, y in enumerate(run_fwd.run(None, values))))
+
+    base, step = feeds[wrt], 1e-2
+    numeric = np.zeros(base.shape)
+    for idx in np.ndindex(base.shape):
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += step
+        minus[idx] -= step
+        numeric[idx] = (loss({**feeds, wrt: plus}) - loss({**feeds, wrt: minus})) / (2 * step)
+    err = rel_err(analytic, numeric)
+    assert err < 2e-3, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e}"
 
 
 class ConvRecurrent(nn.Module):

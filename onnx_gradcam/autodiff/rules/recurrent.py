@@ -306,7 +306,8 @@ def _loop(
         + [helper.make_tensor_value_info(n, dtype, None) for n in outs[1:]],
     )
     b.nodes = outer
-    results = list(b.op("Loop", [p.length, "", *carried], outputs=len(carried) + scans, body=graph))
+    keep_going = b.const(np.array(True), "loop_cond")  # given, not left out: not every runtime takes ""
+    results = list(b.op("Loop", [p.length, keep_going, *carried], outputs=len(carried) + scans, body=graph))
     return results[: len(carried)], results[len(carried) :]
 
 
