@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_gradcam import prepare
@@ -20,7 +20,7 @@ from onnx_gradcam.explain.seeds import region_seed
 from .conftest import cpu_session, rel_err
 from .float64 import evaluator
 from .rule_cases import RECURRENT_LAYOUT1_CASES, Case, _gru_case, _lstm_case
-from .test_rules import _forward_model, _gradient_model
+from .test_rules import _forward_model, _gradient_model, _typed_outputs
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -137,6 +137,56 @@ def test_layout1_matches_finite_differences_in_onnxruntime(op: str, case: Case, 
         numeric[idx] = (loss({**feeds, wrt: plus}) - loss({**feeds, wrt: minus})) / (2 * step)
     err = rel_err(analytic, numeric)
     assert err < 2e-3, f"{op}/{case.id} d/d{wrt}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_node_without_y_output_recomputes_the_hidden_states(op: str, dynamic: bool) -> None:
+    """A node whose Y output is left out (only Y_h, and Y_c, used): the rule runs a copy of the node
+    for the hidden states. Bidirectional with sequence_lens, against finite differences."""
+    case = RECURRENT_LAYOUT1_CASES[op][0]
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rs = np.random.RandomState(5)
+    t, n, i, h = 4, 2, 3, 3
+    values = {
+        "w": rs.uniform(-0.6, 0.6, (2, gates * h, i)),
+        "r": rs.uniform(-0.6, 0.6, (2, gates * h, h)),
+        "b": rs.uniform(-0.3, 0.3, (2, 2 * gates * h)),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items()]
+    inits.append(numpy_helper.from_array(np.array([4, 2], np.int32), "lens"))
+    outs = ["", "yh", "yc"] if op == "LSTM" else ["", "yh"]
+    node = helper.make_node(op, ["x", "w", "r", "b", "lens"], outs, hidden_size=h, direction="bidirectional")
+    dims = ["t" if dynamic else t, n, i]
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)],
+        [onnx.ValueInfoProto(name=o) for o in outs if o], inits,
+    )  # fmt: skip
+    fwd = helper.make_model(graph, opset_imports=[helper.make_opsetid("", case.opset)])
+    fwd.ir_version = 8
+    fwd = _typed_outputs(fwd)
+    x = rs.uniform(-1, 1, (t, n, i)).astype(np.float32)
+    run_fwd = cpu_session(fwd.SerializeToString())
+    seeds = {o: rs.uniform(-1, 1, (2, n, h)).astype(np.float32) for o in outs if o}
+    grad_model = _gradient_model(fwd, "x", seeds, case.opset)
+    assert sum(n.op_type == op for n in grad_model.graph.node) == 2  # the node and its copy for Y
+    (analytic,) = cpu_session(grad_model.SerializeToString()).run(
+        None, {"x": x, **{f"seed_{k}": v for k, v in seeds.items()}}
+    )
+
+    def loss(v: np.ndarray) -> float:
+        ys = run_fwd.run(None, {"x": v})
+        return float(sum(np.sum(np.float64(y) * seeds[o]) for o, y in zip([o for o in outs if o], ys, strict=True)))
+
+    numeric = np.zeros(x.shape)
+    for idx in np.ndindex(x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += 1e-2
+        minus[idx] -= 1e-2
+        numeric[idx] = (loss(plus) - loss(minus)) / 2e-2
+    assert not np.any(analytic[2:, 1]), "steps past sequence_lens get no gradient"
+    err = rel_err(analytic, numeric)
+    assert err < 2e-3, f"{op}: relative error {err:.2e}"
 
 
 class ConvRecurrent(nn.Module):
