@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_gradcam import prepare
+from onnx_gradcam.errors import UnsupportedOpError
 from onnx_gradcam.explain.seeds import region_seed
 
 from .conftest import cpu_session, rel_err
@@ -187,6 +188,30 @@ def test_node_without_y_output_recomputes_the_hidden_states(op: str, dynamic: bo
     assert not np.any(analytic[2:, 1]), "steps past sequence_lens get no gradient"
     err = rel_err(analytic, numeric)
     assert err < 2e-3, f"{op}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"activations": ["ThresholdedRelu"]}, "without activation_alpha"),
+        ({"activations": ["Tanh", "Tanh"]}, "2 activations for 1 direction"),
+        ({"activations": ["Gelu"]}, "activation 'gelu'"),
+        ({"weight_input": True}, "not a constant"),
+    ],
+)
+def test_what_the_rules_refuse_is_a_clear_error(change: dict, message: str) -> None:  # type: ignore[type-arg]
+    """Runtimes disagree on ThresholdedRelu's, ScaledTanh's and Affine's default alpha/beta (the spec's
+    ThresholdedRelu takes 1, onnxruntime 0); weights computed at run time have no gradient here."""
+    case = RECURRENT_LAYOUT1_CASES["RNN"][0]
+    attrs = {"hidden_size": 3, **{k: v for k, v in change.items() if k != "weight_input"}}
+    inputs = [(n, v, c and not (n == "w" and change.get("weight_input"))) for n, v, c in case.inputs]
+    inputs = [(n, v[:1] if n in ("w", "r", "b") else v, c) for n, v, c in inputs]  # one direction
+    inputs = [(n, v[:, :1] if n == "h0" else v, c) for n, v, c in inputs]
+    x = np.asarray(inputs[0][1]).transpose(1, 0, 2)  # layout 0: [T, N, I]
+    inputs[0] = ("x", x, False)
+    fwd = _forward_model("RNN", replace(case, inputs=inputs, attrs=attrs, outputs=2))
+    with pytest.raises(UnsupportedOpError, match=message):
+        _gradient_model(fwd, "x", {"y0": np.zeros((1,), np.float32)}, case.opset)
 
 
 class ConvRecurrent(nn.Module):
