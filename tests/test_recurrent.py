@@ -383,6 +383,16 @@ def test_crnn_map_at_the_conv_features_peaks_on_the_seeded_character(crnn: Path,
     print(f"CRNN peaks on the seeded character: HiResCAM {hits}/{total}, Grad-CAM {gradcam_hits}/{total}")
 
 
+def test_crnn_default_feature_lies_before_the_lstm_and_passes_the_self_check(crnn: Path, tmp_path: Path) -> None:
+    """With every default, prepare picks the LSTM's input sequence ([T, N, 48], sequence-first),
+    differentiates through the LSTM and its self-check (load, probe batch, original outputs
+    unchanged, finite gradcam_* outputs) passes."""
+    report = prepare(crnn, tmp_path / "default.gradcam.onnx", target="seed")
+    model = onnx.load(str(crnn))
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    assert report.feature_tensor == lstm.input[0] and report.feature_layout == "sequence-first"
+
+
 def test_crnn_gradient_at_the_conv_features_matches_float64_differences(crnn: Path, tmp_path: Path) -> None:
     """d(logit of the character at column t)/d(conv features) from the prepared file (float32,
     onnxruntime) against float64 central differences of the head (conv map -> logits) in onnx's

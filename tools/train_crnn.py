@@ -9,7 +9,9 @@ conv blocks (the last, [N, 48, 8, 32], is the Grad-CAM feature map), max-pooled 
 into a sequence-first [32, N, 48] input of a bidirectional LSTM, a Linear per step; the output is
 per-column logits [N, 11, 32] (classes on axis 1, so region_seed's column masks apply). Trained
 with cross entropy per column on 1 CPU thread, exported with the TorchScript exporter at opset 17
-with a dynamic batch. torch is a dev-only dependency; the package never imports it.
+with a dynamic batch (165 KB; into .cache/models, not committed). Measured: 400 steps in 60-100 s on
+the shared 2-core machine, 98.5% of the validation columns right. torch is a dev-only dependency;
+the package never imports it.
 """
 
 from __future__ import annotations
