@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from ._version import __version__
-from .api import Explainer, ExplainResult, overlay, prepare, prepare_model
+from .api import Explainer, ExplainResult, load_bytes, overlay, plot_tokens, prepare, prepare_model
 from .errors import (
     BadInputError,
     LayerNotFoundError,
@@ -24,6 +24,8 @@ __all__ = [
     "Explainer",
     "ExplainResult",
     "overlay",
+    "load_bytes",
+    "plot_tokens",
     "class_seed",
     "region_seed",
     "box_seed",

@@ -1,4 +1,5 @@
-"""The verbs users call from Python: prepare(), prepare_model() and Explainer (plus the overlay helper).
+"""The verbs users call from Python: prepare(), prepare_model() and Explainer (plus the overlay helper,
+and for byte and token models load_bytes and plot_tokens).
 
 prepare and prepare_model check what they built (explain/verify.py) before handing it over.
 """
@@ -15,6 +16,7 @@ from .autodiff.context import TensorInfo
 from .errors import BadInputError
 from .explain.explainer import Explainer, ExplainResult
 from .explain.overlay import overlay
+from .explain.tokens import load_bytes, plot_tokens
 from .explain.verify import verify_prepared
 from .surgery import layers as layer_choice
 from .surgery import prepare as surgery
@@ -55,12 +57,14 @@ def prepare(
     target: str = "class",
     layout: str | None = None,
     verify: bool = True,
+    opset: int | None = None,
 ) -> PrepareReport:
     """Write a prepared model: the original graph plus Grad-CAM, in standard ONNX operators.
 
     With `verify` (the default) the result is first loaded in onnxruntime on the CPU and run on a
     probe batch beside the source model (see `onnx_gradcam.explain.verify`); if that check fails,
-    a VerificationError says which node failed and nothing is written.
+    a VerificationError says which node failed and nothing is written. `opset` (such as 16) first
+    upgrades a model below it with onnx's version converter; by default the source opset is kept.
 
     Example:
         >>> report = prepare("resnet50.onnx")          # writes resnet50.gradcam.onnx
@@ -85,6 +89,7 @@ def prepare(
         target=target,
         layout=layout,
         inplace=True,  # the self-check runs the source from its file
+        opset=opset,
     )
     data = serialise(prepared)  # once, for the self-check and the file (None over 2 GB)
     if verify:
@@ -106,6 +111,7 @@ def prepare_model(
     target: str = "class",
     layout: str | None = None,
     verify: bool = True,
+    opset: int | None = None,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """(prepared model, report) in memory; `model` is not modified. The options are prepare()'s.
 
@@ -124,6 +130,7 @@ def prepare_model(
         guided=guided,
         target=target,
         layout=layout,
+        opset=opset,
     )
     if verify:
         verify_prepared(model, prepared, report)
@@ -142,4 +149,14 @@ def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) ->
     return reduction, layer_choice.candidates(graph, info, reduction)
 
 
-__all__ = ["prepare", "prepare_model", "default_output", "layers", "Explainer", "ExplainResult", "overlay"]
+__all__ = [
+    "prepare",
+    "prepare_model",
+    "default_output",
+    "layers",
+    "Explainer",
+    "ExplainResult",
+    "overlay",
+    "load_bytes",
+    "plot_tokens",
+]

@@ -14,13 +14,14 @@ import numpy as np
 from ._version import __version__
 from .api import Explainer, default_output, prepare
 from .api import layers as list_layers
-from .errors import OnnxGradCamError
+from .errors import BadInputError, OnnxGradCamError
 from .explain.explainer import labels_beside, read_labels
-from .explain.images import collect_inputs, load_image
+from .explain.images import IMAGE_SUFFIXES, collect_inputs, load_image
 from .explain.overlay import COLORMAPS, guided_image, overlay
 from .explain.preprocess import RESAMPLE, parse_size
 from .explain.seeds import box_seed, output_seed, region_seed
 from .explain.signals import SIGNAL_SUFFIXES, load_signal, plot_signal
+from .explain.tokens import array_picture, load_array, load_bytes, plot_tokens
 from .surgery.layout import CHOICES as LAYOUT_CHOICES
 from .surgery.methods import METHODS
 from .surgery.prepare import PRESETS, Preprocess
@@ -111,6 +112,13 @@ def main() -> None:
     "T along the image's width). Default: found from the graph.",
 )
 @click.option(
+    "--opset",
+    type=int,
+    help="Upgrade MODEL to this ai.onnx opset first (onnx's version converter), e.g. 16, where overlapping MaxPool "
+    "windows scatter-add their gradient. Default: keep MODEL's opset (13 at least), so that the runtime that ran "
+    "MODEL runs the result; the IR version stays MODEL's where the opset allows.",
+)
+@click.option(
     "--no-verify",
     is_flag=True,
     help="Skip the self-check (load the result in onnxruntime on the CPU and run a probe batch beside MODEL), "
@@ -130,6 +138,7 @@ def prepare_cmd(
     preprocess: str | None,
     expose_gradient: bool,
     layout: str | None,
+    opset: int | None,
     no_verify: bool,
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
@@ -154,6 +163,7 @@ def prepare_cmd(
             target=target,
             layout=layout,
             verify=not no_verify,
+            opset=opset,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
@@ -209,6 +219,8 @@ Examples:
   onnx-gradcam explain resnet50.gradcam.onnx photos/ -o maps --top-k 3 --labels imagenet.txt
   onnx-gradcam explain model.onnx 'shots/**/*.jpg' --class tabby --labels labels.txt --colormap turbo
   onnx-gradcam explain tf_model.onnx img.png --layout nhwc --preprocess symmetric --bgr
+  onnx-gradcam explain filetype.onnx samples/ --bytes 2048 --pad 0    # a byte model, raw files
+  onnx-gradcam explain model.onnx x0.npy x1.npy                       # arrays: the model's input itself
 """
 
 
@@ -281,6 +293,18 @@ Examples:
 )
 @click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
 @click.option(
+    "--bytes",
+    "byte_count",
+    type=click.IntRange(1),
+    help="Byte models (integer input [N, T]): read the first N bytes of every input file (raw, whatever its "
+    "suffix), padded at the end to the model's length T (to N where T is dynamic).",
+)
+@click.option(
+    "--pad",
+    type=click.IntRange(0),
+    help="With --bytes: the id that pads a file shorter than the model's length (default 0).",
+)
+@click.option(
     "--no-verify",
     is_flag=True,
     help="A plain MODEL is prepared in memory: skip prepare's self-check of the result (see `prepare --help`).",
@@ -307,14 +331,19 @@ def explain_cmd(
     batch_size: int,
     device: str,
     threads: int | None,
+    byte_count: int | None,
+    pad: int | None,
     no_verify: bool,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
     Per image it writes an overlay PNG at the image's own size and the map as .npy; one
     predictions.json lists file, class, label, score, probability, feature layer and method.
-    An unreadable image is reported and skipped; the exit code is then 1. Models of 1-D
-    signals ([N, C, T] inputs) take .npy or .csv files and get a plot of the signal with its map.
+    An unreadable image is reported and skipped; the exit code is then 1. Any model also takes
+    .npy files holding its input itself (one sample, with or without the batch axis). Models of
+    1-D signals ([N, C, T] inputs) take .npy or .csv files and get a plot of the signal with its
+    map. Models of integer ids ([N, T]: tokens, bytes) take .npy files, or raw files with --bytes,
+    and get a PNG of the ids (bytes in hex and as characters) with the map beneath them.
     Models prepared with --target seed explain --class over --region, or a detection --box-index.
     """
     try:
@@ -348,14 +377,13 @@ def explain_cmd(
                 f"note: the model has {explainer.num_classes} classes; --top-k {top_k} explains all of them", err=True
             )
         seeds = _SeedSpec(explainer, target, region, box_index)
-        files, problems = collect_inputs(
-            inputs, SIGNAL_SUFFIXES if explainer.input.is_signal else None, exclude=output_dir
-        )
+        reader = _Reader(explainer, byte_count, pad)
+        files, problems = collect_inputs(inputs, reader.suffixes, exclude=output_dir)
         if not files:
             why = (
                 f" ({problems[0]}{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''})" if problems else ""
             )
-            raise _Failure(f"no images to explain{why}: to fix this, pass image files, folders or globs")
+            raise _Failure(f"no inputs to explain{why}: to fix this, pass {reader.what}, folders or globs")
         for p in problems:
             click.echo(f"skipped: {p}", err=True)
         sources = {f.resolve() for f in files}
@@ -366,10 +394,12 @@ def explain_cmd(
         with click.progressbar(length=len(files), label="explaining", file=sys.stderr, hidden=len(files) <= 1) as bar:
             for start in range(0, len(files), batch_size):
                 chunk = files[start : start + batch_size]
-                images, kept = [], []
+                rows, images, kept = [], [], []
                 for f in chunk:
                     try:
-                        images.append(load_signal(f) if explainer.input.is_signal else load_image(f))
+                        row, shown = reader.read(f)
+                        rows.append(row)
+                        images.append(shown)
                         kept.append(f)
                     except OnnxGradCamError as err:
                         click.echo(f"\nskipped: {err}", err=True)
@@ -377,6 +407,7 @@ def explain_cmd(
                 if images:
                     entries += _explain_chunk(
                         explainer,
+                        _stacked(rows),
                         images,
                         kept,
                         names,
@@ -394,7 +425,9 @@ def explain_cmd(
         _write_text(output_dir / "predictions.json", json.dumps(entries, indent=2) + "\n", sources)
     except OnnxGradCamError as err:
         raise _fail(err) from None
-    click.echo(f"explained {len(files) - failed + len(problems)} of {len(files)} images; wrote {output_dir}", err=True)
+    click.echo(
+        f"explained {len(files) - failed + len(problems)} of {len(files)} {reader.noun}; wrote {output_dir}", err=True
+    )
     if failed:
         sys.exit(1)
 
@@ -461,7 +494,8 @@ class _SeedSpec:
     def build(self, images: list, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
         """One seed per image; symbolic output sizes are taken as the network input's."""
         shape = [d if isinstance(d, int) else None for d in self.shape]
-        spatial = x.shape[2:] if self.explainer.input.layout in ("nchw", "nct") else x.shape[1:-1]
+        layout = self.explainer.input.layout
+        spatial = x.shape[2:] if layout in ("nchw", "nct") else x.shape[1:] if layout == "nt" else x.shape[1:-1]
         for k in range(2, len(shape)):
             if shape[k] is None and len(shape) - 2 == len(spatial):
                 shape[k] = int(spatial[k - 2])
@@ -497,8 +531,87 @@ class _SeedSpec:
         return (left, top, max(int(round(x1 * w / iw)), left + 1), max(int(round(y1 * h / ih)), top + 1))
 
 
+class _Reader:
+    """How `explain` reads its input files for this model: images (or .npy arrays of the input),
+    signals (.npy, .csv), or ids (.npy, or raw bytes with --bytes)."""
+
+    def __init__(self, explainer: Explainer, byte_count: int | None, pad: int | None) -> None:
+        spec = explainer.input
+        if byte_count is None and pad is not None:
+            raise _Failure("--pad goes with --bytes: to fix this, give --bytes N too")
+        if byte_count is not None and not spec.is_tokens:
+            raise _Failure(
+                f"--bytes reads raw files for models of integer ids [N, T], but the input {spec.name!r} is "
+                f"{list(explainer.input_shape)} ({spec.layout}): to fix this, leave out --bytes"
+            )
+        self.explainer, self.byte_count, self.pad = explainer, byte_count, 0 if pad is None else pad
+        if pad is not None and not 0 <= pad <= int(np.iinfo(np.dtype(spec.numpy_dtype)).max):
+            raise _Failure(f"--pad {pad} does not fit the input's {np.dtype(spec.numpy_dtype).name}")
+        self.suffixes: set[str] | None = (
+            set()
+            if byte_count is not None
+            else SIGNAL_SUFFIXES
+            if spec.is_signal
+            else {".npy"}
+            if spec.is_tokens
+            else IMAGE_SUFFIXES | {".npy"}
+        )
+        self.noun = "signals" if spec.is_signal else "inputs" if spec.is_tokens else "images"
+        self.what = (
+            "files (raw bytes)"
+            if byte_count is not None
+            else ".npy or .csv files"
+            if spec.is_signal
+            else ".npy files of ids (or raw files with --bytes N)"
+            if spec.is_tokens
+            else "image (or .npy) files"
+        )
+
+    def read(self, path: Path) -> tuple[np.ndarray, object]:
+        """(one row of the model's input, what its picture is drawn from)."""
+        exp, spec = self.explainer, self.explainer.input
+        shape, dtype = exp.input_shape, spec.numpy_dtype
+        if self.byte_count is not None:
+            length = shape[1] if isinstance(shape[1], int) and shape[1] > 0 else None
+            ids = load_bytes(path, self.byte_count, length, self.pad)
+            return ids.astype(dtype), ids
+        if spec.is_signal:
+            signal = load_signal(path)
+            return signal, signal
+        if path.suffix.lower() == ".npy":
+            row = load_array(path, shape, dtype)
+            return row, (row if spec.is_tokens else array_picture(row, spec.layout))
+        if spec.is_tokens:
+            raise BadInputError(
+                f"{str(path)!r} is not a .npy file, and the model reads integer ids: to fix this, save the ids "
+                "with np.save, or read the file as raw bytes with --bytes N"
+            )
+        img = load_image(path)
+        return exp.to_tensor([img])[0], img
+
+
+def _stacked(rows: list[np.ndarray]) -> np.ndarray:
+    if len({r.shape for r in rows}) > 1:
+        shapes = ", ".join(str(list(r.shape)) for r in rows)
+        raise _Failure(
+            f"inputs of different shapes in one batch ({shapes}): to fix this, give inputs of one shape, or "
+            "--batch-size 1"
+        )
+    return np.stack(rows)
+
+
+def _picture(explainer: Explainer, shown, cam: np.ndarray, colormap: str, alpha: float, upsample: str):  # type: ignore[no-untyped-def]
+    """The PNG of one explained input: an overlay, a signal plot, or the ids with the map."""
+    if explainer.input.is_tokens:
+        return plot_tokens(shown, cam, colormap)
+    if explainer.input.is_signal:
+        return plot_signal(shown, cam, colormap)
+    return overlay(shown, cam, colormap, alpha, upsample)
+
+
 def _explain_chunk(
     explainer: Explainer,
+    x: np.ndarray,
     images: list,
     files: list[Path],
     names: dict[Path, str],
@@ -512,7 +625,6 @@ def _explain_chunk(
     upsample: str,
     seeds: _SeedSpec,
 ) -> list[dict[str, object]]:
-    x = np.stack(images).astype(np.float32) if explainer.input.is_signal else explainer.to_tensor(images)
     if seeds.active:
         results = [explainer.explain(x, None, method, seed=seeds.build(images, x))]
     elif top_k:
@@ -527,11 +639,7 @@ def _explain_chunk(
             stem = f"{names[f]}.{result.method}{suffix}.c{cls}"
             overlay_path = out / f"{stem}.png"
             raw_path = out / f"{stem}.npy"
-            picture = (
-                plot_signal(img, result.maps[i], colormap)
-                if explainer.input.is_signal
-                else overlay(img, result.maps[i], colormap, alpha, upsample)
-            )
+            picture = _picture(explainer, img, result.maps[i], colormap, alpha, upsample)
             _write_png(overlay_path, picture, sources)
             _write_npy(raw_path, result.raw[i], sources)
             entry: dict[str, object] = {

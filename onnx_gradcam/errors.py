@@ -19,10 +19,13 @@ class UnsupportedOpError(OnnxGradCamError):
         self.opset = opset
         self.detail = detail
         self.alternatives: list[str] = []
+        self.scores: list[str] = []
         super().__init__(self._message())
 
-    def with_alternatives(self, names: list[str]) -> UnsupportedOpError:
+    def with_alternatives(self, names: list[str], scores: list[str] | None = None) -> UnsupportedOpError:
+        """Name feature layers after the node (`names`) and tensors before it that could be the score."""
         self.alternatives = list(names)
+        self.scores = list(scores or [])
         self.args = (self._message(),)
         return self
 
@@ -31,10 +34,13 @@ class UnsupportedOpError(OnnxGradCamError):
         if self.detail:
             where = f"op {self.op_type!r} (node {self.node_name!r}, opset {self.opset})"
             what = f"the gradient rule for {where} cannot handle {self.detail}"
+        fix = "choose a feature layer nearer the output with --feature-layer"
         if self.alternatives:
-            shown = ", ".join(repr(n) for n in self.alternatives[:5])
-            return f"{what}; to fix this, choose a feature layer nearer the output with --feature-layer, e.g. {shown}"
-        return f"{what}; to fix this, choose a feature layer nearer the output with --feature-layer"
+            fix += ", e.g. " + ", ".join(repr(n) for n in self.alternatives[:5])
+        if self.scores:
+            shown = ", ".join(repr(n) for n in self.scores[:3])
+            fix += f", or explain a tensor before it with --target seed --reduction-layer, e.g. {shown}"
+        return f"{what}; to fix this, {fix}"
 
 
 class LayerNotFoundError(OnnxGradCamError):

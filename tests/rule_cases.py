@@ -367,6 +367,19 @@ CASES: dict[str, list[Case]] = {
             [x_(rnd(2, 7, 7, 3)), c_("starts", i64(0)), c_("ends", i64(7)), c_("axes", i64(1)), c_("steps", i64(2))],
             symbolic=(0,),
         ),
+        # bounds or sizes known only at run time (xcit's x[:, 1:] on a token axis of run-time size,
+        # pit's x[:, :n] with n computed): Pad with pads computed as the spec normalises the bounds
+        Case(
+            "unit_step_symbolic_axis",
+            [x_(rnd(2, 5, 3)), c_("starts", i64(1)), c_("ends", i64(2**63 - 1)), c_("axes", i64(1))],
+            symbolic=(0, 1),
+        ),
+        Case("runtime_bounds", [x_(rnd(3, 6)), x_(i64(-4), "starts"), x_(i64(5), "ends"), c_("axes", i64(1))]),
+        Case("runtime_bounds_clamped_no_axes", [x_(rnd(3, 4)), x_(i64(-9, 1), "starts"), x_(i64(2, 100), "ends")]),
+        Case(
+            "runtime_bounds_int32_empty",
+            [x_(rnd(3, 4)), x_(np.array([3], np.int32), "starts"), x_(np.array([1], np.int32), "ends")],
+        ),
     ],
     "Gather": [
         Case("scalar_index", [x_(rnd(2, 3, 4)), c_("i", np.array(-1, np.int64))], attrs={"axis": 1}),
@@ -808,6 +821,448 @@ INT8_CASES: dict[str, list[Case]] = {
 }
 CASES.update(INT8_CASES)
 
+
+# -- issue 12, rules-a: Max/Min/Abs/Where, Expand/Tile, activations, ReduceMax/Min/L2/LogSumExp,
+# GatherElements, Einsum ------------------------------------------------------------------------
+
+
+def _row_extremum_tied(x: np.ndarray, largest: bool) -> np.ndarray:
+    """Each row's extremum (last axis) copied onto the row's opposite extremum: a two-way tie per row,
+    where a central difference is 1/2 for each of the two (one side moves the extremum, the other
+    does not), the rules' equal share."""
+    x = x.copy()
+    for row in np.ndindex(x.shape[:-1]):
+        v = x[row]
+        v[np.argmin(v) if largest else np.argmax(v)] = v.max() if largest else v.min()
+    return x
+
+
+def _thresholded(alpha: float, *shape: int) -> np.ndarray:
+    return alpha + rnd(*shape, away=0.05) * 2  # kept away from the kink at alpha
+
+
+_MAX_X = rnd(2, 4)
+_MAX_TIES = rnd(2, 4, seed=1)
+_MAX_TIES[0, 1], _MAX_TIES[1, 2] = _MAX_X[0, 1], _MAX_X[1, 2]
+_GE_INDEX = np.array([[0, 3, 3, -1, 1], [2, 2, -4, 0, 0], [1, 1, 1, 3, -2]], np.int64)
+
+RULES_A_CASES: dict[str, list[Case]] = {
+    "Max": [
+        Case("two_broadcast", [x_(rnd(2, 3, 4)), x_(rnd(3, 1, seed=1), "b")], wrt=("x", "b")),
+        Case(
+            "three_opset11",
+            [x_(rnd(2, 3)), x_(rnd(3, seed=1), "b"), x_(rnd(2, 1, seed=2), "c")],
+            wrt=("x", "b", "c"),
+            opset=11,
+        ),
+        Case("single_opset13", [x_(rnd(2, 3))], opset=13),
+        # two-way ties at two positions: each operand gets half of dY there
+        Case("two_way_ties", [x_(_MAX_X), x_(_MAX_TIES, "b")], wrt=("x", "b")),
+    ],
+    "Min": [
+        Case(
+            "three_broadcast_opset13",
+            [x_(rnd(2, 3, 4)), x_(rnd(4, seed=1), "b"), x_(rnd(2, 1, 1, seed=2), "c")],
+            wrt=("x", "b", "c"),
+            opset=13,
+        ),
+        Case("two_opset11", [x_(rnd(3, 2)), x_(rnd(3, 2, seed=1), "b")], wrt=("x", "b"), opset=11),
+    ],
+    "Abs": [Case("plain", [x_(rnd(2, 3, 4, away=0.05))]), Case("opset11", [x_(rnd(3, 2, away=0.05))], opset=11)],
+    "Where": [
+        Case(
+            "broadcast_const_condition",
+            [c_("c", rnd(2, 1, 4, seed=3) > 0), x_(rnd(3, 4)), x_(rnd(2, 3, 1, seed=1), "b")],
+            wrt=("x", "b"),
+        ),
+        Case(
+            "runtime_condition_opset11",
+            [x_(rnd(2, 3, seed=3) > 0, "c"), x_(rnd(2, 3)), x_(rnd(3, seed=1), "b")],
+            wrt=("x", "b"),
+            opset=11,
+        ),
+        Case("scalar_other_opset16", [x_(rnd(2, 3, seed=3) > 0, "c"), x_(rnd(2, 3)), c_("b", np.array(0.0))], opset=16),
+    ],
+    "Expand": [
+        Case("channels_to_grid", [x_(rnd(2, 3, 1, 1)), c_("shape", i64(2, 3, 4, 5))]),
+        Case("rank_up_opset11", [x_(rnd(3, 1)), c_("shape", i64(2, 1, 4))], opset=11),
+        Case("shape_of_ones", [x_(rnd(2, 3, 4)), c_("shape", i64(1, 1))], opset=13),
+        # a run-time shape: the broadcast axes are found at run time
+        Case("runtime_shape", [x_(rnd(3, 1)), x_(i64(2, 3, 4), "shape")]),
+        Case("symbolic_batch", [x_(rnd(2, 1, 3)), c_("shape", i64(1, 4, 1))], symbolic=(0,)),
+        Case("opset21", [x_(rnd(3, 1)), c_("shape", i64(3, 2))], opset=21),
+    ],
+    "Tile": [
+        Case("const_repeats", [x_(rnd(2, 3)), c_("r", i64(2, 3))]),
+        Case("rank3_opset11", [x_(rnd(2, 1, 3)), c_("r", i64(1, 4, 2))], opset=11),
+        Case("runtime_repeats", [x_(rnd(2, 3)), x_(i64(3, 1), "r")], opset=13),
+        Case("symbolic_batch", [x_(rnd(2, 3, 2)), c_("r", i64(2, 1, 2))], symbolic=(0,)),
+    ],
+    "Softplus": [
+        Case("plain", [x_(rnd(2, 3, 4, lo=-4, hi=4))], dtype=F32),
+        Case("opset11", [x_(rnd(3, 4, lo=-4, hi=4))], opset=11, dtype=F32),
+    ],
+    "Mish": [Case("opset18", [x_(rnd(2, 3, 4, lo=-4, hi=4))], opset=18)],
+    "Elu": [
+        Case("default", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case("alpha_opset11", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], attrs={"alpha": 0.7}, opset=11, dtype=F32),
+    ],
+    "Selu": [
+        Case("default", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case(
+            "alpha_gamma_opset11",
+            [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))],
+            attrs={"alpha": 1.3, "gamma": 0.8},
+            opset=11,
+            dtype=F32,
+        ),
+    ],
+    "Celu": [
+        Case("default_opset12", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], opset=12, dtype=F32),
+        Case("alpha", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], attrs={"alpha": 0.5}, dtype=F32),
+    ],
+    "Softsign": [
+        Case("plain", [x_(rnd(2, 3, 4, lo=-3, hi=3, away=0.05))], dtype=F32),
+        Case("opset11", [x_(rnd(3, 4, lo=-3, hi=3, away=0.05))], opset=11, dtype=F32),
+    ],
+    "ThresholdedRelu": [
+        Case("default_alpha", [x_(_thresholded(1.0, 2, 3, 4))], dtype=F32),
+        Case("alpha_opset11", [x_(_thresholded(0.3, 3, 4))], attrs={"alpha": 0.3}, opset=11, dtype=F32),
+    ],
+    "ReduceMax": [
+        Case("axes_attr_keepdims_opset13", [x_(distinct(2, 3, 4))], attrs={"axes": [1]}, opset=13),
+        Case("axes_attr_dropdims_opset11", [x_(distinct(2, 3, 4))], attrs={"axes": [-1, 0], "keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(distinct(2, 3, 4)), c_("axes", i64(0, 2))], attrs={"keepdims": 0}, opset=18),
+        Case("all_axes_opset18", [x_(distinct(2, 3))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(distinct(2, 3))], attrs={"noop_with_empty_axes": 1}, opset=18),
+        Case("axes_input_opset20", [x_(distinct(2, 3, 2)), c_("axes", i64(-2))], opset=20),
+        Case("keepdims_opset21", [x_(distinct(2, 3, 2)), c_("axes", i64(0, 1))], opset=21),
+        # a two-way tie in every row: each tied position gets half of dY (torch.amax's share)
+        Case("two_way_ties", [x_(_row_extremum_tied(distinct(3, 5), True))], attrs={"axes": [1]}, opset=13),
+    ],
+    "ReduceMin": [
+        Case("axes_attr_opset11", [x_(distinct(2, 3, 4))], attrs={"axes": [2]}, opset=11),
+        Case(
+            "axes_input_dropdims_opset18", [x_(distinct(2, 3, 4)), c_("axes", i64(1))], attrs={"keepdims": 0}, opset=18
+        ),
+        Case(
+            "two_way_ties_opset18",
+            [x_(_row_extremum_tied(distinct(2, 2, 4), False)), c_("axes", i64(-1))],
+            attrs={"keepdims": 0},
+            opset=18,
+        ),
+    ],
+    "ReduceL2": [
+        Case("axes_attr_opset13", [x_(rnd(2, 3, 4))], attrs={"axes": [1, 2]}, opset=13),
+        Case("dropdims_opset11", [x_(rnd(2, 3, 4))], attrs={"axes": [0], "keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(rnd(2, 3, 4)), c_("axes", i64(-1))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(rnd(2, 3, away=0.05))], attrs={"noop_with_empty_axes": 1}, opset=18),
+    ],
+    "ReduceLogSumExp": [
+        Case("axes_attr_opset13", [x_(rnd(2, 3, 4, lo=-3, hi=3))], attrs={"axes": [1]}, opset=13),
+        Case("all_dropdims_opset11", [x_(rnd(2, 3, lo=-3, hi=3))], attrs={"keepdims": 0}, opset=11),
+        Case("axes_input_opset18", [x_(rnd(2, 3, 4)), c_("axes", i64(0, -1))], attrs={"keepdims": 0}, opset=18),
+        Case("noop_empty_axes_opset18", [x_(rnd(2, 3))], attrs={"noop_with_empty_axes": 1}, opset=18),
+    ],
+    "GatherElements": [
+        # repeated and negative indices: their gradients add up
+        Case("scatter_add_opset16", [x_(rnd(3, 4)), c_("i", _GE_INDEX)], attrs={"axis": 1}, opset=16),
+        Case("one_hot_opset13", [x_(rnd(3, 4)), c_("i", _GE_INDEX)], attrs={"axis": -1}, opset=13),
+        Case("one_hot_axis0_opset11", [x_(rnd(4, 3)), c_("i", _GE_INDEX.T.copy())], opset=11),
+        # indices shorter than X on the other axis: zeros there
+        Case("short_indices_opset13", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=13),
+        Case("short_indices_opset18", [x_(rnd(4, 5)), c_("i", _GE_INDEX[:2, :3].T.copy())], opset=18),
+        Case("scatter_add_opset21", [x_(rnd(4, 3)), c_("i", _GE_INDEX.T.copy())], attrs={"axis": 0}, opset=21),
+        Case(
+            "runtime_indices_symbolic_opset13",
+            [x_(rnd(2, 3, 4)), x_(np.stack([_GE_INDEX, _GE_INDEX[::-1]]), "i")],
+            attrs={"axis": 2},
+            opset=13,
+            symbolic=(0, 1, 2),
+        ),
+    ],
+    "Einsum": [
+        Case(
+            "matmul_opset12",
+            [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w")],
+            attrs={"equation": "ij,jk->ik"},
+            wrt=("x", "w"),
+            opset=12,
+        ),
+        Case(
+            "implicit_output", [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w")], attrs={"equation": "kj,ji"}, wrt=("x", "w")
+        ),
+        Case(
+            "attention",
+            [x_(rnd(2, 2, 3, 4)), x_(rnd(2, 2, 5, 4, seed=1), "w")],
+            attrs={"equation": "bhqd,bhkd->bhqk"},
+            wrt=("x", "w"),
+            opset=18,
+        ),
+        Case(
+            "ellipsis_in_one_operand",
+            [x_(rnd(2, 3, 4)), x_(rnd(4, 5, seed=1), "w")],
+            attrs={"equation": "...ij,jk->...ik"},
+            wrt=("x", "w"),
+        ),
+        Case(
+            "ellipsis_broadcast_one",
+            [x_(rnd(2, 3, 4)), x_(rnd(1, 4, 5, seed=1), "w")],
+            attrs={"equation": "...ij , ...jk -> ...ik"},
+            wrt=("x", "w"),
+        ),
+        Case(
+            "three_operands",
+            [x_(rnd(2, 3)), x_(rnd(3, 4, seed=1), "w"), x_(rnd(2, 4, seed=2), "c")],
+            attrs={"equation": "bi,ij,bj->b"},
+            wrt=("x", "w", "c"),
+        ),
+        Case(
+            "summed_alone", [x_(rnd(2, 3, 4)), x_(rnd(3, seed=1), "w")], attrs={"equation": "ijk,j->i"}, wrt=("x", "w")
+        ),
+        Case("sum_all", [x_(rnd(2, 3))], attrs={"equation": "ij->"}),
+        Case("diagonal", [x_(rnd(3, 3))], attrs={"equation": "ii->i"}),
+        Case(
+            "trace_batched", [x_(rnd(2, 3, 3)), x_(rnd(2, seed=1), "w")], attrs={"equation": "bii,b->b"}, wrt=("x", "w")
+        ),
+        Case("transpose_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->cab"}, symbolic=(0, 2)),
+        Case("ones_symbolic", [x_(rnd(2, 3, 4))], attrs={"equation": "abc->a"}, symbolic=(0, 1, 2)),
+        Case("diagonal_symbolic", [x_(rnd(2, 3, 3))], attrs={"equation": "bii->bi"}, symbolic=(0, 1, 2)),
+        Case(
+            "uppercase_diagonal_opset21",
+            [x_(rnd(2, 3, 3)), x_(rnd(2, seed=1), "w")],
+            attrs={"equation": "Aii,A->Ai"},
+            wrt=("x", "w"),
+            opset=21,
+        ),
+    ],
+}
+CASES.update(RULES_A_CASES)
+# -- end of rules-a -----------------------------------------------------------------------------
+
+
+# -- rules-b: normalisations over the sample, depth <-> space, Col2Im, TopK (issue 12) --------
+# onnxruntime has no double kernel for InstanceNormalization, MeanVarianceNormalization, Col2Im
+# (and the Conv its gradient uses): float32 cases there.
+
+
+def _scale_bias(count: int, seed: int) -> list[tuple[str, Any, bool]]:
+    return [x_(rnd(count, seed=seed, lo=0.5, hi=1.5), "s"), x_(rnd(count, seed=seed + 1), "b")]
+
+
+RULES_B_CASES: dict[str, list[Case]] = {
+    "InstanceNormalization": [
+        Case("rank4", [x_(rnd(2, 3, 4, 5)), *_scale_bias(3, 1)], wrt=("x", "s", "b"), dtype=F32),
+        Case(
+            "rank3_epsilon_opset11",
+            [x_(rnd(2, 4, 6)), *_scale_bias(4, 2)],
+            attrs={"epsilon": 1e-2},
+            wrt=("x", "s", "b"),
+            opset=11,
+            dtype=F32,
+        ),
+        Case(
+            "rank5_symbolic",
+            [x_(rnd(1, 2, 3, 2, 3)), c_("s", rnd(2, seed=3)), c_("b", rnd(2, seed=4))],
+            symbolic=(0,),
+            dtype=F32,
+        ),
+    ],
+    "GroupNormalization": [
+        # opset 18: scale and bias per group
+        Case(
+            "opset18_per_group",
+            [x_(rnd(2, 6, 3, 3)), *_scale_bias(3, 5)],
+            attrs={"num_groups": 3},
+            wrt=("x", "s", "b"),
+            opset=18,
+        ),
+        Case(
+            "opset18_one_group_epsilon_rank3",
+            [x_(rnd(2, 4, 5)), *_scale_bias(1, 6)],
+            attrs={"num_groups": 1, "epsilon": 1e-2},
+            wrt=("x", "s", "b"),
+            opset=18,
+        ),
+        # opset 21: scale and bias per channel
+        Case(
+            "opset21_per_channel",
+            [x_(rnd(2, 6, 3, 3)), *_scale_bias(6, 7)],
+            attrs={"num_groups": 2, "stash_type": 11},
+            wrt=("x", "s", "b"),
+            opset=21,
+        ),
+        Case(
+            "opset21_group_per_channel_rank5_symbolic",
+            [x_(rnd(2, 4, 2, 2, 3)), c_("s", rnd(4, seed=8)), c_("b", rnd(4, seed=9))],
+            attrs={"num_groups": 4, "epsilon": 1e-3, "stash_type": 11},
+            opset=21,
+            symbolic=(0,),
+        ),
+        Case(
+            "opset21_stash_float32",
+            [x_(rnd(2, 6, 3, 3).astype(F32)), *_scale_bias(6, 10)],
+            attrs={"num_groups": 3},
+            wrt=("x", "s", "b"),
+            opset=21,
+            dtype=F32,
+        ),
+    ],
+    "MeanVarianceNormalization": [
+        # (onnx's full check cannot expand the function without its axes: here the default,
+        # [0, 2, 3], is spelled out; tests/test_op_coverage.py prepares a model that leaves it out)
+        Case("axes_0_2_3", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [0, 2, 3]}, opset=13, dtype=F32),
+        Case("axes_spatial_opset11", [x_(rnd(2, 3, 4, 4))], attrs={"axes": [2, 3]}, opset=11, dtype=F32),
+        Case("axes_negative_rank3_opset18", [x_(rnd(2, 5, 6))], attrs={"axes": [-1]}, opset=18, dtype=F32),
+        Case("axes_channels", [x_(rnd(2, 6, 3))], attrs={"axes": [1]}, opset=17, dtype=F32),
+    ],
+    "DepthToSpace": [
+        Case("dcr_default_opset9", [x_(rnd(2, 8, 2, 3))], attrs={"blocksize": 2}, opset=9),
+        Case("dcr_opset11", [x_(rnd(1, 9, 2, 2))], attrs={"blocksize": 3, "mode": "DCR"}, opset=11),
+        Case("crd_opset11", [x_(rnd(2, 8, 2, 3))], attrs={"blocksize": 2, "mode": "CRD"}, opset=11),
+        Case(
+            "crd_blocksize3_symbolic", [x_(rnd(2, 18, 2, 2))], attrs={"blocksize": 3, "mode": "CRD"}, symbolic=(0, 2, 3)
+        ),
+    ],
+    "SpaceToDepth": [
+        Case("blocksize2_opset11", [x_(rnd(2, 3, 4, 6))], attrs={"blocksize": 2}, opset=11),
+        Case("blocksize3_symbolic", [x_(rnd(1, 2, 6, 3))], attrs={"blocksize": 3}, symbolic=(0, 2, 3)),
+    ],
+    "Col2Im": [
+        Case(
+            "plain",
+            [x_(rnd(2, 2 * 4, 9)), c_("image_shape", i64(4, 4)), c_("block_shape", i64(2, 2))],
+            opset=18,
+            dtype=F32,
+        ),
+        Case(
+            "strides_pads_dilations",
+            [x_(rnd(2, 3 * 6, 9)), c_("image_shape", i64(5, 6)), c_("block_shape", i64(2, 3))],
+            attrs={"strides": [2, 1], "pads": [1, 0, 0, 1], "dilations": [1, 2]},
+            opset=18,
+            dtype=F32,
+            symbolic=(0,),
+        ),
+        Case(
+            "one_dimensional",
+            [x_(rnd(1, 2 * 3, 4)), c_("image_shape", i64(9)), c_("block_shape", i64(3))],
+            attrs={"strides": [2], "pads": [0, 1]},
+            opset=21,
+            dtype=F32,
+        ),
+    ],
+    "TopK": [
+        Case("last_axis", [x_(distinct(2, 3, 6)), c_("k", i64(3))], outputs=2, opset=11, dtype=F32),
+        Case(
+            "axis1_smallest_unsorted",
+            [x_(distinct(2, 5, 3)), c_("k", i64(2))],
+            attrs={"axis": 1, "largest": 0, "sorted": 0},
+            outputs=2,
+            opset=11,
+        ),
+        Case("opset10", [x_(distinct(3, 5)), c_("k", i64(2))], outputs=2, opset=10, dtype=F32),
+    ],
+}
+CASES.update(RULES_B_CASES)
+# Gather with indices the model computes (TopK's, ArgMax's): a one-hot built at run time
+CASES["Gather"] = CASES["Gather"] + [
+    Case("run_time_indices_2d_negative", [x_(rnd(3, 4, 2)), x_(np.array([[2, 0], [2, -1]]), "idx")], attrs={"axis": 1}),
+    Case("run_time_indices_1d_opset11", [x_(rnd(5, 3)), x_(np.array([4, 1, 4], np.int32), "idx")], opset=11),
+    Case(
+        "run_time_scalar_index_symbolic",
+        [x_(rnd(2, 3, 4)), x_(np.array(-2), "idx")],
+        attrs={"axis": 2},
+        symbolic=(0,),
+    ),
+]
+# -- end rules-b ---------------------------------------------------------------------------
+
+# -- maxpool branch: MaxPool with overlapping windows below opset 16 (equality masks), LRN ---------
+_MP = {"kernel_shape": [3, 3], "strides": [2, 2]}
+MAXPOOL_LRN_CASES: dict[str, list[Case]] = {
+    "MaxPool": [
+        Case(
+            "sppf_k5s1p2_opset12", [x_(distinct(1, 2, 8, 8))], {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2]}, opset=12
+        ),
+        Case("k3s2p1_opset11", [x_(distinct(2, 2, 7, 7))], {**_MP, "pads": [1, 1, 1, 1]}, opset=11, symbolic=(0,)),
+        Case("alexnet_k3s2_opset13", [x_(distinct(1, 2, 9, 9))], _MP, opset=13),
+        Case("k3s2_opset15", [x_(distinct(1, 2, 8, 8))], _MP, opset=15),
+        Case(
+            "dilated_k3d2_opset13", [x_(distinct(1, 2, 8, 8))], {"kernel_shape": [3, 3], "dilations": [2, 2]}, opset=13
+        ),
+        Case(
+            "dilated_strided_padded_opset13",
+            [x_(distinct(1, 2, 9, 8))],
+            {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 2], "pads": [2, 1, 1, 0]},
+            opset=13,
+        ),
+        Case("ceil_mode_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "ceil_mode": 1}, opset=12),
+        Case(
+            "ceil_mode_padded_opset12",
+            [x_(distinct(1, 2, 8, 9))],
+            {**_MP, "pads": [1, 0, 1, 1], "ceil_mode": 1},
+            opset=12,
+        ),
+        Case("same_upper_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_UPPER"}, opset=12),
+        Case("same_lower_opset12", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_LOWER"}, opset=12),
+        Case("valid_k3s1_opset12", [x_(distinct(1, 2, 6, 7))], {"kernel_shape": [3, 3], "auto_pad": "VALID"}, opset=12),
+        Case("asymmetric_pads_opset13", [x_(distinct(1, 2, 7, 7))], {**_MP, "pads": [0, 1, 2, 1]}, opset=13),
+        Case("anisotropic_opset13", [x_(distinct(1, 2, 7, 8))], {"kernel_shape": [3, 2], "strides": [1, 2]}, opset=13),
+        Case("pool1d_k3s1p1_opset11", [x_(distinct(2, 3, 9))], {"kernel_shape": [3], "pads": [1, 1]}, opset=11),
+        Case(
+            "pool3d_k3s2p1_opset13",
+            [x_(distinct(1, 2, 5, 5, 5))],
+            {"kernel_shape": [3, 3, 3], "strides": [2, 2, 2], "pads": [1] * 6},
+            opset=13,
+        ),
+        # float32: the placement is a ConvTranspose (float64: Pads, above)
+        Case(
+            "sppf_k5s1p2_f32",
+            [x_(distinct(1, 2, 8, 8))],
+            {"kernel_shape": [5, 5], "pads": [2] * 4},
+            opset=12,
+            dtype=F32,
+        ),
+        Case(
+            "dilated_strided_padded_ceil_f32",
+            [x_(distinct(1, 2, 9, 8))],
+            {"kernel_shape": [3, 2], "strides": [2, 1], "dilations": [2, 2], "pads": [2, 1, 1, 0], "ceil_mode": 1},
+            opset=13,
+            dtype=F32,
+        ),
+        Case("same_lower_f32", [x_(distinct(1, 2, 8, 8))], {**_MP, "auto_pad": "SAME_LOWER"}, opset=13, dtype=F32),
+        Case("pool1d_f32", [x_(distinct(2, 3, 9))], {"kernel_shape": [3], "pads": [1, 1]}, opset=11, dtype=F32),
+        Case(
+            "pool3d_f32",
+            [x_(distinct(1, 2, 5, 5, 5))],
+            {"kernel_shape": [3] * 3, "strides": [2] * 3},
+            opset=13,
+            dtype=F32,
+        ),
+    ],
+    # even sizes: onnxruntime refuses them (size % 2 == 1); tests/test_pool_norm.py checks one in float64 with
+    # onnx.reference
+    "LRN": [
+        Case(
+            "size3", [x_(rnd(2, 5, 3, 3, lo=-2, hi=2))], {"size": 3, "alpha": 0.5, "beta": 0.75, "bias": 2.0}, dtype=F32
+        ),
+        Case("alexnet_size5_defaults", [x_(rnd(2, 7, 3, 3, lo=-30, hi=30))], {"size": 5}, opset=11, dtype=F32),
+        Case(
+            "size1_beta1",
+            [x_(rnd(1, 3, 2, 2, lo=-2, hi=2))],
+            {"size": 1, "alpha": 0.3, "beta": 1.0, "bias": 0.5},
+            dtype=F32,
+        ),
+        Case(
+            "size7_wider_than_channels",
+            [x_(rnd(1, 4, 2, 3, lo=-2, hi=2))],
+            {"size": 7, "alpha": 1.0, "beta": 0.5, "bias": 1.0},
+            opset=13,
+            dtype=F32,
+        ),
+    ],
+}
+CASES.update({op: CASES.get(op, []) + cases for op, cases in MAXPOOL_LRN_CASES.items()})
 
 # -- recurrent ops (LSTM, GRU, RNN): onnxruntime runs them in float32 only -------------------------
 # T = 4 steps, N = 2, I = 3, H = 3; gradients to X and the initial states, every output seeded.

@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import sweep  # noqa: E402
 
+# every model of the subset is exact today (coat_lite_tiny was refused until the Slice rule took
+# bounds known only at run time); a model added here as a known refusal goes into REFUSED
+REFUSED: set[str] = set()
+
 
 @pytest.mark.parametrize("spec", sweep.FAST)
 def test_fast_subset_is_exact_or_refused(spec: str) -> None:
     row = sweep.run_one(spec, timeout=600)
     print(f"{spec}: {row.result} gradient {row.gradient} {row.error}")
-    assert row.result in ("exact", "refused"), f"{spec}: {row.result}: {row.error or row.gradient}"
+    expected = "refused" if spec in REFUSED else "exact"
+    assert row.result == expected, f"{spec}: {row.result}: {row.error or row.gradient}"
     if row.result == "refused":
         assert "to fix this" in row.error, f"{spec}: a refusal that says no way forward: {row.error}"

@@ -14,7 +14,9 @@ import onnx
 from .context import RuleContext
 from .rules import (
     activations,
+    einsum,
     elementwise,
+    fold,
     linear,
     normalization,
     pooling,
@@ -103,6 +105,24 @@ RULES: dict[str, Rule] = {
     "com.microsoft.QLinearSoftmax": quantization.qlinear_softmax,
 }
 
+# -- rules-b: normalisations over the sample, depth <-> space, Col2Im, TopK (issue 12) --------
+RULES.update(
+    {
+        "InstanceNormalization": normalization.instance_norm,
+        "GroupNormalization": normalization.group_norm,
+        "MeanVarianceNormalization": normalization.mean_variance_norm,
+        "DepthToSpace": shape.depth_to_space,
+        "SpaceToDepth": shape.space_to_depth,
+        "Col2Im": fold.col2im,
+        "TopK": shape.top_k,
+    }
+)
+# -- end rules-b ---------------------------------------------------------------------------
+
+# -- maxpool branch: local response normalisation (MaxPool's masks below opset 16 live in its rule)
+RULES.update({"LRN": normalization.lrn})
+# -- end maxpool branch
+
 # -- recurrent ops (LSTM, GRU, RNN): input sequence and initial states --------------------------
 RULES.update(
     {
@@ -181,6 +201,59 @@ _DIFFERENTIABLE: dict[str, tuple[int, ...]] = {
     "com.microsoft.QLinearLeakyRelu": (0,),
     "com.microsoft.QLinearSoftmax": (0,),
 }
+# -- rules-b: Col2Im's image and block shapes are shapes; ops whose outputs are piecewise
+# constant (Hardmax), booleans, integers or random carry no gradient: a score after one of them
+# is an error that names it (surgery/layers.py::check_differentiable)
+_DIFFERENTIABLE["Col2Im"] = (0,)
+_DIFFERENTIABLE.update(
+    dict.fromkeys(
+        (
+            "Hardmax",
+            "IsNaN",
+            "IsInf",
+            "BitShift",
+            "BitwiseAnd",
+            "BitwiseOr",
+            "BitwiseXor",
+            "BitwiseNot",
+            "RandomNormal",
+            "RandomUniform",
+            "Multinomial",
+            "Bernoulli",
+        ),
+        (),
+    )
+)
+# -- end rules-b ---------------------------------------------------------------------------
+
+
+# -- issue 12, rules-a: element-wise extrema, activations, reductions, broadcasting copies,
+# GatherElements and Einsum ---------------------------------------------------------------
+RULES.update(
+    {
+        "Max": elementwise.max_,
+        "Min": elementwise.min_,
+        "Abs": elementwise.abs_,
+        "Where": elementwise.where,
+        "Expand": shape.expand,
+        "Tile": shape.tile,
+        "GatherElements": shape.gather_elements,
+        "Einsum": einsum.einsum,
+        "Softplus": activations.softplus,
+        "Mish": activations.mish,
+        "Elu": activations.elu,
+        "Selu": activations.selu,
+        "Celu": activations.celu,
+        "Softsign": activations.softsign,
+        "ThresholdedRelu": activations.thresholded_relu,
+        "ReduceMax": reduction.reduce_max,
+        "ReduceMin": reduction.reduce_min,
+        "ReduceL2": reduction.reduce_l2,
+        "ReduceLogSumExp": reduction.reduce_log_sum_exp,
+    }
+)
+_DIFFERENTIABLE.update({"ReduceL2": (0,), "ReduceLogSumExp": (0,)})
+# -- end of rules-a ------------------------------------------------------------------------
 
 
 def rule_key(node: onnx.NodeProto) -> str:

@@ -195,6 +195,12 @@ class Explainer:
 
     def to_tensor(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The model input for images (paths or PIL images), preprocessed as the CLI does."""
+        if self.input.is_signal or self.input.is_tokens:
+            kind = "integer ids [N, T]" if self.input.is_tokens else "a signal [N, C, T]"
+            raise BadInputError(
+                f"the model's input {self.input.name!r} is {kind}, not an image: to fix this, pass an array "
+                "(or .npy files, or raw files with --bytes, to the command line)"
+            )
         pil = [img if isinstance(img, Image.Image) else load_image(img) for img in images]
         return to_tensor(pil, self.input, self.preprocess, self.size)
 
@@ -222,7 +228,8 @@ class Explainer:
         method: str | None = None,
         seed: np.ndarray | None = None,
     ) -> ExplainResult:
-        """Explain a batch: image paths, PIL images, or a float32 array already in the model's layout.
+        """Explain a batch: image paths, PIL images, or an array already in the model's layout (float;
+        integer ids [N, T] for token and byte models).
 
         target: None (top-1), a class index or label name for all samples, or one per sample.
         method: one of the prepared methods (default: the first). seed: for models prepared with
@@ -300,7 +307,16 @@ class Explainer:
                 f"{shown} ({self.input.layout}): to fix this, pass arrays of that shape (or images, which "
                 "are resized to it)"
             )
-        dtype = np.float16 if self.input.dtype == "tensor(float16)" else np.float32  # float16 models' inputs
+        dtype = self.input.numpy_dtype
+        if self.input.is_tokens:
+            exact = x.dtype.kind in "iu" or (x.dtype.kind == "f" and bool(np.all(x == np.round(x))))
+            if not exact:
+                raise BadInputError(
+                    f"the model's input {self.input.name!r} holds integer ids, but the array has {x.dtype} values "
+                    "that are not whole numbers: to fix this, pass integer ids"
+                )
+        elif np.dtype(dtype).kind != "f":
+            dtype = np.float32
         return x if x.dtype == dtype else x.astype(dtype)
 
     def _classes(self, target: Target, n: int) -> np.ndarray:
@@ -328,7 +344,7 @@ def _as_preprocess(preprocess: str | Preprocess | None, meta: dict[str, str]) ->
 
 def _checked_preprocess(pre: Preprocess, spec: InputSpec) -> Preprocess:
     """Mean and std must give one value, or one per colour channel."""
-    if spec.is_signal:
+    if spec.is_signal or spec.is_tokens:
         return pre
     if len(pre.mean) != len(pre.std) or len(pre.mean) not in (1, 3):
         raise BadInputError(
@@ -342,7 +358,7 @@ def _checked_preprocess(pre: Preprocess, spec: InputSpec) -> Preprocess:
 
 def _checked_size(size: tuple[int, int] | None, spec: InputSpec) -> tuple[int, int] | None:
     """A requested size must agree with a model whose height and width are fixed."""
-    if size is None or spec.size is None or spec.is_signal:
+    if size is None or spec.size is None or spec.is_signal or spec.is_tokens:
         return size
     if tuple(size) != tuple(spec.size):
         h, w = spec.size

@@ -20,13 +20,14 @@ def collect_inputs(
     suffixes: set[str] | None = None,
     exclude: str | os.PathLike[str] | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """Expand files, folders (recursively, image suffixes only, or `suffixes`) and globs, in a stable order.
+    """Expand files, folders (recursively, image suffixes only, or `suffixes`; an empty set: every
+    file) and globs, in a stable order.
 
     Folders and globs skip everything under `exclude` (the output folder: a second run over `.`
     must not explain the first run's overlays). Returns (files, problems): problems are one-line
     messages for inputs that match nothing.
     """
-    wanted = suffixes or IMAGE_SUFFIXES
+    wanted = IMAGE_SUFFIXES if suffixes is None else suffixes
     skip = Path(exclude).resolve() if exclude is not None else None
 
     def keep(q: Path) -> bool:
@@ -37,9 +38,9 @@ def collect_inputs(
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in wanted and keep(q))
+            found = sorted(q for q in p.rglob("*") if (not wanted or q.suffix.lower() in wanted) and keep(q))
             if not found:
-                problems.append(f"{str(p)!r}: the folder holds no inputs ({', '.join(sorted(wanted))})")
+                problems.append(f"{str(p)!r}: the folder holds no inputs ({', '.join(sorted(wanted)) or 'files'})")
             files.extend(found)
         elif p.is_file():
             files.append(p)

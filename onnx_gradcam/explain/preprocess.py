@@ -18,12 +18,26 @@ RESAMPLE = {
 }
 
 
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
+_INTEGER_TYPES = {k for k, v in _NUMPY_TYPES.items() if np.dtype(v).kind in "iu"}
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The image input of a model: name, layout, channel count and static spatial size (if any)."""
 
     name: str
-    layout: str  # "nchw" or "nhwc"
+    layout: str  # "nchw", "nhwc", "nct" (a signal [N, C, T]) or "nt" (ids [N, T])
     channels: int
     size: tuple[int, int] | None  # (height, width), None where dynamic
     dtype: str = "tensor(float)"
@@ -32,17 +46,30 @@ class InputSpec:
     def is_signal(self) -> bool:
         return self.layout == "nct"
 
+    @property
+    def is_tokens(self) -> bool:
+        """Integer ids [N, T]: tokens or bytes."""
+        return self.layout == "nt"
+
+    @property
+    def numpy_dtype(self) -> type[np.generic]:
+        """The element type the model reads (float32 where onnxruntime names no other)."""
+        return _NUMPY_TYPES.get(self.dtype, np.float32)
+
     @classmethod
     def from_shape(
         cls, name: str, shape: Sequence[object], layout: str | None, dtype: str = "tensor(float)"
     ) -> InputSpec:
+        if len(shape) == 2 and dtype in _INTEGER_TYPES:  # [N, T] ids: tokens or bytes
+            t = shape[1]
+            return cls(name, "nt", 1, (1, t) if isinstance(t, int) and t > 0 else None, dtype)
         if len(shape) == 3:  # [N, channels, length]: a 1-D signal
             c, t = shape[1], shape[2]
             return cls(name, "nct", c if isinstance(c, int) else 1, (1, t) if isinstance(t, int) else None, dtype)
         if len(shape) != 4:
             raise BadInputError(
-                f"input {name!r} has shape {list(shape)}: `explain` takes images (rank 4) or "
-                "signals (rank 3); to fix this, run the prepared model yourself (see the README)"
+                f"input {name!r} has shape {list(shape)}: `explain` takes images (rank 4), signals (rank 3) or "
+                "integer ids (rank 2: tokens, bytes); to fix this, run the prepared model yourself (see the README)"
             )
         if layout is None or layout == "nct":
             layout = "nhwc" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "nchw"

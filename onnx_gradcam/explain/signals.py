@@ -15,7 +15,7 @@ SIGNAL_SUFFIXES = {".npy", ".csv"}
 
 
 def load_signal(path: str | os.PathLike[str]) -> np.ndarray:
-    """A float32 [channels, length] signal from .npy ([T] or [C, T]) or .csv (one column per channel)."""
+    """A float32 [channels, length] signal from .npy ([T], [C, T] or [1, C, T]) or .csv (one column per channel)."""
     p = Path(path)
     try:
         if p.suffix.lower() == ".npy":
@@ -27,10 +27,12 @@ def load_signal(path: str | os.PathLike[str]) -> np.ndarray:
             raise ValueError(f"suffix {p.suffix!r}")
     except (OSError, ValueError) as exc:
         raise BadInputError(
-            f"{str(p)!r} is not a readable signal ({exc}): to fix this, pass .npy ([T] or [C, T]) "
+            f"{str(p)!r} is not a readable signal ({exc}): to fix this, pass .npy ([T], [C, T] or [1, C, T]) "
             "or .csv (one column per channel) files"
         ) from exc
     arr = np.asarray(arr, np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:  # saved with the batch axis
+        arr = arr[0]
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or not np.all(np.isfinite(arr)):

@@ -99,7 +99,7 @@ def verify_prepared(
         worst = max(worst, diff)
     image = feeds[report.image_input]
     batch = int(image.shape[0])
-    spatial = tuple(image.shape[1:-1] if report.layout == "nhwc" else image.shape[2:])
+    spatial = tuple(image.shape[a] for a in cam.spatial_axes(image.shape, report.layout))
     declared = {o.name: o for o in prepared.graph.output}
     for name, value in got.items():
         if name.startswith("gradcam_"):

@@ -21,7 +21,7 @@ from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
 from ..autodiff.rules.pooling import inverse_spatial_count
 from ..errors import BadInputError
-from .layout import Layout, to_canonical
+from .layout import TOKEN_IDS, Layout, to_canonical
 from .methods import METHODS
 
 CLASS_INPUT = "gradcam_class"
@@ -74,8 +74,11 @@ class CamOutputs:
 
 
 def spatial_axes(shape: Sequence[object], layout: str) -> list[int]:
-    """Spatial axes of the image input: [2..] for channels-first, [1..r-2] for channels-last."""
+    """Spatial axes of the input: [2..] for channels-first, [1..r-2] for channels-last, [1..] for
+    integer ids [N, T] (tokens, bytes)."""
     rank = len(shape)
+    if layout == TOKEN_IDS:
+        return list(range(1, rank))
     return list(range(1, rank - 1)) if layout == "nhwc" else list(range(2, rank))
 
 

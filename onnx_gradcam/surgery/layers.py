@@ -43,16 +43,90 @@ def graph_inputs(graph: onnx.GraphProto) -> list[str]:
     return [i.name for i in graph.input if i.name not in inits]
 
 
+_INTEGER_TYPES = {
+    TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
+}  # fmt: skip
+
+
 def image_input(graph: onnx.GraphProto, info: TensorInfo) -> str:
-    """The input the map is drawn over: the first float input of rank >= 3."""
-    for name in graph_inputs(graph):
+    """The input the map is drawn over: the first float input of rank >= 3, else the first
+    integer input [N, T] (tokens or bytes) that an embedding reads (see `embedding_outputs`)."""
+    names = graph_inputs(graph)
+    for name in names:
         shape = info.shape(name)
         if info.dtype(name) in _FLOAT_TYPES and shape is not None and len(shape) >= 3:
             return name
+    for name in names:
+        if is_token_input(info, name) and embedding_outputs(graph, info, name):
+            return name
+    tokens = [n for n in names if is_token_input(info, n)]
+    if tokens:
+        raise LayerNotFoundError(
+            f"the integer input {tokens[0]!r} {list(info.shape(tokens[0]) or ())} reaches no embedding (a Gather "
+            "from a float table, OneHot, or Equal with a constant then Cast to float): onnx-gradcam explains token "
+            "and byte models at a float tensor after their embedding; to fix this, export the embedding as one of those"
+        )
     raise LayerNotFoundError(
-        "the model has no float input of rank >= 3 (an image, a signal or a volume): "
-        "onnx-gradcam explains convolutional models of such inputs"
+        "the model has no float input of rank >= 3 (an image, a signal or a volume) and no integer input [N, T] "
+        "(tokens or bytes): onnx-gradcam explains convolutional models of such inputs"
     )
+
+
+def is_token_input(info: TensorInfo, name: str) -> bool:
+    """An integer tensor [N, T]: token ids or bytes."""
+    shape = info.shape(name)
+    return info.dtype(name) in _INTEGER_TYPES and shape is not None and len(shape) == 2
+
+
+def differentiable_sources(graph: onnx.GraphProto, info: TensorInfo, image: str) -> list[str]:
+    """Where gradient paths start: the image itself, or the embeddings of a token input."""
+    return embedding_outputs(graph, info, image) if is_token_input(info, image) else [image]
+
+
+def embedding_outputs(graph: onnx.GraphProto, info: TensorInfo, ids: str) -> list[str]:
+    """The float tensors an integer input's values first become, position by position: Gather from
+    a float table (nn.Embedding), OneHot (float, or integer and then Cast to float), and Cast to
+    float of Equal with a constant that adds an axis (a one-hot by broadcasting, as tf2onnx and
+    hand-written exports do). Other float tensors
+    made from the ids (an attention mask: Cast(Equal(ids, 0))) are not embeddings: no gradient
+    path to the score starts there that a feature map should explain."""
+    integer = {ids}  # integer or boolean tensors computed from the ids
+    one_hot: set[str] = set()  # boolean one-hot tensors (Equal with an added axis)
+    found: list[str] = []
+    for node in graph.node:
+        read = [i for i in node.input if i in integer]
+        if not read:
+            continue
+        op = node.op_type
+        out = node.output[0] if node.output else ""
+        if op == "Gather" and node.input[1] in integer and node.input[0] not in integer:
+            if info.dtype(node.input[0]) in _FLOAT_TYPES and info.const(node.input[0]) is not None:
+                found.append(out)
+                continue
+        if op == "OneHot" and node.input[0] in integer and info.dtype(out) in _FLOAT_TYPES:
+            found.append(out)
+            continue
+        if (op == "OneHot" and node.input[0] in integer) or (op == "Equal" and _adds_axis(info, read, out)):
+            one_hot.add(out)  # an integer or boolean one-hot (torch's F.one_hot is int64), cast later
+        if op == "Cast" and node.input[0] in one_hot and info.dtype(out) in _FLOAT_TYPES:
+            found.append(out)
+            continue
+        for o in node.output:
+            if o and info.dtype(o) not in _FLOAT_TYPES:
+                integer.add(o)
+                if op in ("Cast", "Identity", "Reshape", "Transpose") and node.input[0] in one_hot:
+                    one_hot.add(o)
+    return found
+
+
+def _adds_axis(info: TensorInfo, read: list[str], out: str) -> bool:
+    """True if `out` is larger than the one id tensor it compares (with a constant) on one axis
+    where the ids have size 1: the class axis of a one-hot."""
+    oshape = info.shape(out)
+    shape = info.shape(read[0]) if len(read) == 1 else None
+    if oshape is None or shape is None or len(shape) != len(oshape):
+        return False
+    return sum(1 for d, o in zip(shape, oshape) if d == 1 and o != 1) == 1
 
 
 _PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "QuantizeLinear", "DequantizeLinear")
@@ -259,7 +333,7 @@ def _linear_tail(nodes: list[onnx.NodeProto], reduction: str, on_path: set[str])
 
 
 def _after_global_pooling(
-    nodes: list[onnx.NodeProto], info: TensorInfo, source: str, reduction: str, on_path: set[str]
+    nodes: list[onnx.NodeProto], info: TensorInfo, sources: list[str], reduction: str, on_path: set[str]
 ) -> set[str]:
     """Tensors after the first 1x1 (globally pooled) tensor that every path passes through:
     reshaped or transposed copies of pooled features (e.g. channels-last [N, 1, 1, C] around a
@@ -272,7 +346,7 @@ def _after_global_pooling(
             spatial = [d for d in shape[2:] if isinstance(d, int)]
             if len(spatial) != len(shape) - 2 or math.prod(spatial) != 1:
                 continue
-            if _dominates(nodes, [source], out, reduction):
+            if _dominates(nodes, sources, out, reduction):
                 return forward_reachable(nodes, [out]) - {out}
     return set()
 
@@ -303,8 +377,9 @@ def feature_layouts(graph: onnx.GraphProto, info: TensorInfo) -> dict[str, axes.
     """The layout of every tensor whose axes the graph explains (see surgery/layout.py)."""
     source = image_input(graph, info)
     shape = info.shape(source) or ()
-    roles = axes.propagate(list(graph.node), info, source, axes.image_layout(shape))
-    spatial_rank = len(shape) - 2
+    input_layout = axes.image_layout(shape, is_token_input(info, source))
+    roles = axes.propagate(list(graph.node), info, source, input_layout)
+    spatial_rank = axes.spatial_rank(shape, input_layout)
     found = {}
     for name, r in roles.items():
         lay = axes.layout_of(r, info.shape(name), spatial_rank)
@@ -325,16 +400,18 @@ def candidates(
     """
     nodes = list(graph.node)
     source = image_input(graph, info)
-    fwd = forward_reachable(nodes, [source])
+    sources = differentiable_sources(graph, info, source)
+    fwd = forward_reachable(nodes, sources)
     bwd = backward_reachable(nodes, [reduction])
     if reduction not in fwd:
-        check_differentiable(graph, source, reduction)  # names a non-differentiable op, if one is the cause
+        for start in sources:
+            check_differentiable(graph, start, reduction)  # names a non-differentiable op, if one is the cause
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} does not depend differentiably on the input {source!r}: "
             "to fix this, choose another --reduction-layer"
         )
     layouts = feature_layouts(graph, info)
-    pooled = _after_global_pooling(nodes, info, source, reduction, fwd & bwd)
+    pooled = _after_global_pooling(nodes, info, sources, reduction, fwd & bwd)
     qparams = quantization_params(graph)
     skip = _stand_ins(graph)
     found: list[tuple[str, onnx.NodeProto, tuple[int | str | None, ...]]] = []
@@ -358,7 +435,7 @@ def candidates(
     result: list[Candidate] = []
     default_set = chosen is not None
     for out, node, shape in reversed(found):
-        dom = _dominates(nodes, [source], out, reduction) if (all_dominators or not default_set) else False
+        dom = _dominates(nodes, sources, out, reduction) if (all_dominators or not default_set) else False
         eligible = out not in tail or _activation_op(node, producers, info) not in _LINEAR | {"Mul", "Div", "MatMul"}
         eligible = eligible and out in layouts
         is_default = out == chosen if chosen is not None else dom and eligible and not default_set
@@ -474,6 +551,21 @@ def downstream_candidates(graph: onnx.GraphProto, info: TensorInfo, reduction: s
     return [c.name for c in reversed(candidates(graph, info, reduction)) if c.name in later and c.dominates]
 
 
+def scores_before(graph: onnx.GraphProto, info: TensorInfo, node_name: str, features: list[str]) -> list[str]:
+    """The float inputs of the node named `node_name` (or writing that tensor) that depend
+    differentiably on every feature tensor: scores the gradient can start from, before that node."""
+    nodes = list(graph.node)
+    node = next((n for n in nodes if n.name == node_name or (n.output and n.output[0] == node_name)), None)
+    if node is None:
+        return []
+    reach = [forward_reachable(nodes, [f]) for f in features]
+    return [
+        i
+        for i in dict.fromkeys(node.input)
+        if i and info.dtype(i) in _FLOAT_TYPES and all(i in r for r in reach) and i not in features
+    ]
+
+
 def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -> None:
     """An error naming the non-differentiable op (NMS, TopK indices, ArgMax, ...) between the
     feature tensor and the reduction tensor, and the tensors before it, when the score cannot
@@ -493,22 +585,26 @@ def check_differentiable(graph: onnx.GraphProto, feature: str, reduction: str) -
         )
     fwd = forward_reachable(nodes, [feature])
     ancestors = backward_plain(nodes, reduction)
+    # a node that reads the feature's descendants and writes the score's ancestors without
+    # passing gradient along that output (ArgMax, Round, NonMaxSuppression, TopK's Indices, ...)
     blockers = [
-        n
+        (n, dead)
         for n in nodes
-        if n.output
-        and any(o in ancestors for o in n.output)
-        and any(i in fwd for i in n.input)
-        and not any(o in fwd for o in n.output if o)
+        if any(i in fwd for i in n.input) and (dead := [o for o in n.output if o and o in ancestors and o not in fwd])
     ]
-    node = blockers[-1] if blockers else None  # the one nearest the score
-    before = [i for i in (node.input if node is not None else []) if i in fwd]
-    where = (
-        f"op {node.op_type!r} (node {node.name or node.output[0]!r})" if node is not None else "a non-differentiable op"
-    )
+    if not blockers:
+        raise LayerNotFoundError(
+            f"the reduction tensor {reduction!r} does not depend differentiably on the feature tensor {feature!r}: "
+            "to fix this, choose a reduction tensor that does with --reduction-layer (see `onnx-gradcam layers MODEL`)"
+        )
+    node, dead = blockers[-1]  # the one nearest the score
+    # the tensors nearest before it that carry gradient: its other outputs (TopK's Values), its inputs
+    usable = [o for o in node.output if o in fwd] + [i for i in node.input if i in fwd]
+    via = f", output {dead[0]!r}" if len(node.output) > 1 else ""
+    where = f"op {node.op_type!r} (node {node.name or node.output[0]!r}{via})"
     raise LayerNotFoundError(
         f"the reduction tensor {reduction!r} lies after {where}, which passes no gradient: to fix this, choose "
-        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in before[:3])}"
+        f"a reduction tensor before it with --reduction-layer, e.g. {', '.join(repr(t) for t in usable[:3])}"
     )
 
 

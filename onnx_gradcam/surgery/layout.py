@@ -58,16 +58,29 @@ def is_grid(role: str) -> bool:
     return role.startswith("S") and not role.endswith(_OFFSET)
 
 
-def image_layout(shape: Sequence[object]) -> str:
-    """The image input's layout: 'nchw' unless the last axis looks like channels (1, 3 or 4) and
-    axis 1 does not (a TensorFlow export's [N, H, W, C])."""
+TOKEN_IDS = "nt"  # the layout of an integer input [N, T]: token ids or bytes, one grid axis
+
+
+def image_layout(shape: Sequence[object], token_ids: bool = False) -> str:
+    """The input's layout: 'nt' for integer ids [N, T], else 'nchw' unless the last axis looks like
+    channels (1, 3 or 4) and axis 1 does not (a TensorFlow export's [N, H, W, C])."""
+    if token_ids:
+        return TOKEN_IDS
     if len(shape) == 4 and shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4):
         return "nhwc"
     return "nchw"
 
 
+def spatial_rank(shape: Sequence[object], layout: str) -> int:
+    """How many grid axes the input has: T for ids [N, T], all but N and C otherwise."""
+    return len(shape) - 1 if layout == TOKEN_IDS else len(shape) - 2
+
+
 def image_roles(rank: int, layout: str) -> Roles:
-    """The image input's roles: NC + grid, or N + grid + C (channels-last)."""
+    """The input's roles: NC + grid, N + grid + C (channels-last), or N + T (ids; the embedding
+    adds the channels)."""
+    if layout == TOKEN_IDS:
+        return (BATCH, *(grid(i) for i in range(rank - 1)))
     spatial = tuple(grid(i) for i in range(rank - 2))
     return (BATCH, *spatial, CHANNELS) if layout == "nhwc" else (BATCH, CHANNELS, *spatial)
 
@@ -108,13 +121,15 @@ def propagate(nodes: Sequence[onnx.NodeProto], info: TensorInfo, image: str, lay
     rank = info.rank(image) or 4
     roles: dict[str, Roles] = {image: image_roles(rank, layout)}
     dynamic = {image}  # tensors that depend on the image; the others are weights and constants
-    spatial_rank = rank - 2
+    grid_rank = rank - 1 if layout == TOKEN_IDS else rank - 2
     for node in nodes:
         if not any(i in dynamic for i in node.input):
             continue
         dynamic.update(o for o in node.output if o)
         try:
-            outs = _node_roles(node, info, roles, dynamic, spatial_rank)
+            outs = _embedding_roles(node, info, roles, dynamic)
+            if outs is None:
+                outs = _node_roles(node, info, roles, dynamic, grid_rank)
         except (ValueError, IndexError, TypeError, KeyError):  # an attribute or shape this reading does not cover
             outs = {}
         for name, r in outs.items():
@@ -122,6 +137,38 @@ def propagate(nodes: Sequence[onnx.NodeProto], info: TensorInfo, image: str, lay
             if name and r is not None and (shape is None or len(shape) == len(r)):
                 roles[name] = _counted(r, shape)
     return roles
+
+
+def _embedding_roles(
+    node: onnx.NodeProto, info: TensorInfo, roles: dict[str, Roles], dynamic: set[str]
+) -> dict[str, Roles | None] | None:
+    """Roles made by an embedding of ids (None for other nodes): Gather from a table keeps the ids'
+    roles and makes the table's row the channels; OneHot, or Equal of ids [.., 1] with a constant
+    [K], adds the class axis as channels."""
+    op = node.op_type
+    out = node.output[0] if node.output else ""
+    if op == "Gather" and node.input[0] not in dynamic and node.input[1] in roles:
+        table = info.shape(node.input[0])
+        axis = _attr(node, "axis", 0) % len(table) if table else 0
+        if table is None or len(table) - axis - 1 != 1:  # one axis left of each row: the channels
+            return {}
+        return {out: (*([UNKNOWN] * axis), *roles[node.input[1]], CHANNELS)}
+    if op == "OneHot" and node.input[0] in roles and node.input[1] not in dynamic:
+        ids = roles[node.input[0]]
+        axis = _attr(node, "axis", -1) % (len(ids) + 1)
+        return {out: (*ids[:axis], CHANNELS, *ids[axis:])}
+    if op == "Equal":
+        known = [i for i in node.input if i in roles]
+        constant = [i for i in node.input if i not in dynamic]
+        shape, oshape = (info.shape(known[0]) if known else None), info.shape(out)
+        if len(known) != 1 or len(constant) != 1 or shape is None or oshape is None or len(shape) != len(oshape):
+            return None
+        added = [a for a, (d, o) in enumerate(zip(shape, oshape)) if d == 1 and o != 1]
+        if len(added) != 1:
+            return None
+        ids = roles[known[0]]
+        return {out: tuple(CHANNELS if a == added[0] else r for a, r in enumerate(ids))}
+    return None
 
 
 def _broadcast(shape: Sequence[object] | None, out: Sequence[object]) -> bool:
@@ -164,8 +211,12 @@ def _node_roles(
         return {out: (BATCH, CHANNELS, *([ONE] * (len(oshape or ()) - 2)))} if oshape else {}
     if op == "Concat":  # the class token, a parameter, comes first and has no roles
         return {out: _concat(node, info, ins)}
+    if op == "Einsum":
+        return {out: _einsum(node, roles, dynamic)}
     if x is None:
         return {}
+    if op in ("Expand", "Tile", "GatherElements"):
+        return {out: _copied(node, info, x, oshape)}
     if op == "Transpose":
         perm = _attr(node, "perm", list(reversed(range(len(x)))))
         return {out: tuple(x[p] for p in perm)}
@@ -216,6 +267,60 @@ def _node_roles(
     return {}
 
 
+def _copied(node: onnx.NodeProto, info: TensorInfo, x: Roles, oshape: Sequence[Any] | None) -> Roles | None:
+    """Expand, Tile, GatherElements: an axis keeps its role where its positions stay where they
+    were (not broadcast from size 1, not tiled, not the gathered axis); the others are unknown."""
+    shape = info.shape(node.input[0])
+    if node.op_type == "Expand":
+        if oshape is None or shape is None or len(oshape) < len(x):
+            return None
+        lead = len(oshape) - len(x)
+        kept = [r if shape[a] != 1 or oshape[lead + a] == 1 else UNKNOWN for a, r in enumerate(x)]
+        return (*([UNKNOWN] * lead), *kept)
+    if node.op_type == "Tile":
+        repeats = _ints(info, node.input[1])
+        if repeats is None or len(repeats) != len(x):
+            return None
+        return tuple(r if int(k) == 1 else UNKNOWN for r, k in zip(x, repeats))
+    axis = int(_attr(node, "axis", 0)) % len(x)
+    index = info.shape(node.input[1])
+    if shape is None or index is None or len(index) != len(x):
+        return None
+    same = [index[a] is not None and index[a] == shape[a] for a in range(len(x))]
+    return tuple(r if a != axis and same[a] else UNKNOWN for a, r in enumerate(x))
+
+
+def _einsum(node: onnx.NodeProto, roles: dict[str, Roles], dynamic: set[str]) -> Roles | None:
+    """An output letter has the role its activation operands agree on; the one output letter
+    that only weights carry (nchw,oc->nohw: a linear map of the channels) is channels."""
+    equation = str(_attr(node, "equation", b"").decode()).replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    found: dict[str, set[str]] = {}
+    in_activation: set[str] = set()
+    for term, name in zip(terms, node.input):
+        if name in dynamic:
+            in_activation.update(term)
+        r = roles.get(name)
+        if r is None or len(r) != len(term):
+            continue
+        for c, role in zip(term, r):
+            found.setdefault(c, set()).add(role)
+    weights_only = [c for c in out if c not in in_activation]
+    result = []
+    for c in out:
+        known = found.get(c, set()) - {UNKNOWN}
+        if len(known) == 1:
+            result.append(known.pop())
+        elif c in weights_only and len(weights_only) == 1:
+            result.append(CHANNELS)
+        else:
+            result.append(UNKNOWN)
+    return tuple(result)
+
+
 def _ints(info: TensorInfo, name: str) -> np.ndarray | None:
     """An integer input's value at prepare time: a constant, or what a shape subgraph computes."""
     value = info.const(name)
@@ -238,8 +343,8 @@ def reduce_axes(node: onnx.NodeProto, info: TensorInfo, rank: int) -> set[int] |
         if value is None:
             return None
         axes = value.tolist()
-    if axes is None:
-        return set(range(rank))
+    if not axes:  # none given, or an empty list: all axes, unless noop_with_empty_axes (the identity)
+        return set() if _attr(node, "noop_with_empty_axes", 0) else set(range(rank))
     return {int(a) % rank for a in axes}  # type: ignore[union-attr]
 
 

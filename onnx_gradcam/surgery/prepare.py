@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .._version import __version__
 from ..autodiff.builder import GraphBuilder
 from ..autodiff.context import FLOAT_TYPES, RuleContext, TensorInfo
-from ..errors import LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
+from ..errors import BadInputError, LayerNotFoundError, OnnxGradCamError, UnsupportedOpError
 from . import cam, layers
 from . import layout as axes
 from .load import default_opset, min_ir_version, upgrade_opset
@@ -79,6 +79,7 @@ def prepare_model(
     target: str = "class",
     inplace: bool = False,
     layout: str | None = None,
+    opset: int | None = None,
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
@@ -89,10 +90,14 @@ def prepare_model(
     segmentation, regression, detection or any other differentiable output. `inplace=True`
     lets prepare extend `model` itself instead of a copy (for callers that own it). `layout`
     (nchw, nhwc, tokens, sequence-first) states the feature tensors' layout where the graph does
-    not tell it; otherwise it is found from the graph (surgery/layout.py).
+    not tell it; otherwise it is found from the graph (surgery/layout.py). `opset` first upgrades a
+    model below it with onnx's version converter (for instance 16, where overlapping MaxPool
+    windows scatter-add their gradient); the IR version stays the source's where the opset allows.
     """
     original_ir = model.ir_version
-    work = upgrade_opset(model)
+    source_opset = default_opset(model)
+    upgraded_from = source_opset if opset is not None and opset > source_opset else None
+    work = upgrade_opset(model, opset)
     if work is model and not inplace:
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -131,6 +136,8 @@ def prepare_model(
                 "of rank >= 3 ([batch, channels, ...spatial]); to fix this, pick one from `onnx-gradcam layers MODEL`"
             )
     if info.dtype(reduction) not in FLOAT_TYPES:
+        for feature in features:  # an integer score after ArgMax, TopK's Indices, NMS: name that op
+            layers.check_differentiable(graph, feature, reduction)
         raise LayerNotFoundError(
             f"the reduction tensor {reduction!r} is an integer (quantized) tensor: to fix this, name the float "
             "tensor dequantized from it with --reduction-layer"
@@ -139,7 +146,12 @@ def prepare_model(
     image = layers.image_input(graph, info)
     image_shape = info.shape(image)
     assert image_shape is not None
-    input_layout = axes.image_layout(image_shape)
+    input_layout = axes.image_layout(image_shape, layers.is_token_input(info, image))
+    if guided and input_layout == axes.TOKEN_IDS:
+        raise BadInputError(
+            f"--guided draws the gradient at the input, but {image!r} holds integer ids, which have none: to fix "
+            "this, leave out --guided (the Grad-CAM map over the ids needs no gradient there)"
+        )
     layouts = _feature_layouts(graph, info, features, layout, image_shape, input_layout)
     spec = cam.CamSpec(
         tuple(features),
@@ -175,7 +187,8 @@ def prepare_model(
         outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, target_input)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
-        raise err.with_alternatives(layers.downstream_candidates(graph, info, reduction, after)) from None
+        later = layers.downstream_candidates(graph, info, reduction, after)
+        raise err.with_alternatives(later, layers.scores_before(graph, info, err.node_name, features)) from None
 
     renamed: dict[str, str] = {}
     produced = {o for node in b.nodes for o in node.output}
@@ -221,6 +234,8 @@ def prepare_model(
     }
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()
+    if upgraded_from is not None:
+        meta["source_opset"] = str(upgraded_from)
     existing = {p.key for p in work.metadata_props}
     for key, value in meta.items():
         full = META_PREFIX + key
@@ -253,7 +268,7 @@ def _feature_layouts(
     """Each feature tensor's layout: the one the user gave, else the graph's; an error for a
     tensor whose layout neither tells (a guess could be a wrong map)."""
     found = layers.feature_layouts(graph, info)
-    spatial_rank = len(image_shape) - 2
+    spatial_rank = axes.spatial_rank(image_shape, input_layout)
     image_spatial = [image_shape[i] for i in cam.spatial_axes(image_shape, input_layout)]
     result = {}
     for f in features:

@@ -58,9 +58,16 @@ _MS_SHAPES: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
+_SAME_SHAPE = {"GroupNormalization", "MeanVarianceNormalization"}
+
+
 def shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
     """A standard node whose output has the shape of this com.microsoft quantized op's (QOperator
-    models), so that onnx's shape inference goes on past it; other nodes as they are."""
+    models), so that onnx's shape inference goes on past it; other nodes as they are.
+    GroupNormalization and MeanVarianceNormalization too (shaped like their input): onnx 1.23 infers
+    nothing for the first, nor for the second without its axes attribute."""
+    if node.op_type in _SAME_SHAPE and node.domain in ("", "ai.onnx"):
+        return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
     if node.domain != "com.microsoft" or node.op_type not in _MS_SHAPES and node.op_type != "QLinearConcat":
         return node
     if node.op_type == "QLinearConcat":

@@ -188,3 +188,80 @@ def log_softmax(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None
     axis = _axis(ctx, node)
     s = ctx.b.reduce("ReduceSum", dy, [axis], keepdims=True)
     return [ctx.b.op("Sub", [dy, ctx.b.op("Mul", [ctx.b.op("Exp", [y]), s])])]
+
+
+def softplus(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = log(1 + e^X):  dX = dY * sigmoid(X)."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.b.op("Mul", [dy, ctx.b.op("Sigmoid", [node.input[0]])])]
+
+
+def mish(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X tanh(softplus(X)):  dX = dY (T + X sigmoid(X) (1 - T^2)),  T = tanh(softplus(X))."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    b = ctx.b
+    t = b.op("Tanh", [b.op("Softplus", [x])])
+    sech2 = b.op("Sub", [ctx.scalar_like(x, 1.0), b.op("Mul", [t, t])])
+    d = b.op("Add", [t, b.op("Mul", [b.op("Mul", [x, b.op("Sigmoid", [x])]), sech2])])
+    return [b.op("Mul", [dy, d])]
+
+
+def elu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X if X > 0 else alpha (e^X - 1):  dX = dY if X > 0 else dY (Y + alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    alpha = float(ctx.attrs(node).get("alpha", 1.0))
+    below = ctx.b.op("Mul", [dy, ctx.b.op("Add", [y, ctx.scalar_like(y, alpha)])])
+    return [_where_positive(ctx, x, dy, below)]
+
+
+_SELU_ALPHA, _SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875
+
+
+def selu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = gamma X if X > 0 else gamma alpha (e^X - 1):  dX = gamma dY if X > 0 else dY (Y + gamma alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    x, y = node.input[0], node.output[0]
+    a = ctx.attrs(node)
+    alpha, gamma = float(a.get("alpha", _SELU_ALPHA)), float(a.get("gamma", _SELU_GAMMA))
+    b = ctx.b
+    above = b.op("Mul", [dy, ctx.scalar_like(x, gamma)])
+    below = b.op("Mul", [dy, b.op("Add", [y, ctx.scalar_like(y, gamma * alpha)])])
+    zero = ctx.scalar_like(x, 0.0)
+    return [b.op("Where", [b.op("Greater", [x, zero]), above, below])]
+
+
+def celu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = max(0, X) + min(0, alpha (e^(X/alpha) - 1)):  dX = dY if X > 0 else dY e^(X/alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    alpha = float(ctx.attrs(node).get("alpha", 1.0))
+    b = ctx.b
+    below = b.op("Mul", [dy, b.op("Exp", [b.op("Mul", [x, ctx.scalar_like(x, 1.0 / alpha)])])])
+    return [_where_positive(ctx, x, dy, below)]
+
+
+def softsign(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X / (1 + abs(X)):  dX = dY / (1 + abs(X))^2."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    b = ctx.b
+    d = b.op("Add", [ctx.scalar_like(x, 1.0), b.op("Abs", [x])])
+    return [b.op("Div", [dy, b.op("Mul", [d, d])])]
+
+
+def thresholded_relu(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = X if X > alpha else 0:  dX = dY * (X > alpha)."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    alpha = float(ctx.attrs(node).get("alpha", 1.0))
+    b = ctx.b
+    return [b.op("Where", [b.op("Greater", [x, ctx.scalar_like(x, alpha)]), dy, ctx.scalar_like(x, 0.0)])]

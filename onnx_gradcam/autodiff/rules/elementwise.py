@@ -115,3 +115,45 @@ def reciprocal(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None]
     assert dys[0] is not None
     y = node.output[0]
     return [ctx.b.op("Neg", [ctx.b.op("Mul", [dys[0], ctx.b.op("Mul", [y, y])])])]
+
+
+def _extremum(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    # dX_i = unbroadcast(dY [X_i = Y] / #{j : X_j = Y}): a tie splits dY equally among the tied operands
+    dy, y = dys[0], node.output[0]
+    assert dy is not None
+    if len(node.input) == 1:
+        return [dy]
+    b = ctx.b
+    dtype = ctx.info.grad_dtype(y)
+    masks = [b.op("Cast", [b.op("Equal", [x, y])], to=dtype) for x in node.input]
+    share = b.op("Div", [dy, b.op("Sum", masks)])
+    return [unbroadcast(ctx, b.op("Mul", [share, m]), x, y) if w else None for x, m, w in zip(node.input, masks, wrt)]
+
+
+def max_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = max(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}): operands
+    that tie for the maximum share dY equally (torch.maximum's 1/2 for two)."""
+    return _extremum(ctx, node, dys, wrt)
+
+
+def min_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = min(X_1..X_n), broadcasting:  dX_i = unbroadcast(dY [X_i = Y] / #{j: X_j = Y}): operands
+    that tie for the minimum share dY equally (torch.minimum's 1/2 for two)."""
+    return _extremum(ctx, node, dys, wrt)
+
+
+def abs_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = abs(X):  dX = dY * sign(X) (0 at X = 0, as torch)."""
+    assert dys[0] is not None
+    return [ctx.b.op("Mul", [dys[0], ctx.b.op("Sign", [node.input[0]])])]
+
+
+def where(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = C ? A : B, broadcasting:  dA = unbroadcast(C ? dY : 0),  dB = unbroadcast(C ? 0 : dY);  C has none."""
+    dy, y = dys[0], node.output[0]
+    assert dy is not None
+    c, a, bb = node.input
+    zero = ctx.scalar_like(y, 0.0)
+    da = unbroadcast(ctx, ctx.b.op("Where", [c, dy, zero]), a, y) if wrt[1] else None
+    db = unbroadcast(ctx, ctx.b.op("Where", [c, zero, dy]), bb, y) if wrt[2] else None
+    return [None, da, db]

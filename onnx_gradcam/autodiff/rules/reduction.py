@@ -1,4 +1,5 @@
-"""Gradients of ReduceSum and ReduceMean, axes as attribute or input, keepdims either way."""
+"""Gradients of the Reduce* ops (Sum, Mean, Max, Min, L2, LogSumExp), axes as attribute or input,
+keepdims either way."""
 
 from __future__ import annotations
 
@@ -64,3 +65,63 @@ def reduce_mean(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None
     sizes = b.op("Gather", [b.shape_of(x), b.const(np.array(axes, np.int64), "axes")], axis=0)
     count = b.op("Cast", [b.op("ReduceProd", [sizes], keepdims=0)], to=ctx.info.dtype(x))
     return [b.op("Div", [spread, count])] + [None] * (len(node.input) - 1)
+
+
+def _kept(ctx: RuleContext, node: onnx.NodeProto, v: str, axes: list[int]) -> str:
+    """A reduced tensor (the output or its gradient) with the reduced axes kept as size 1."""
+    keepdims = int(ctx.attrs(node).get("keepdims", 1))
+    return v if keepdims or not axes else ctx.b.unsqueeze(v, axes)
+
+
+def _extremum(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None]) -> Grads:
+    dy = dys[0]
+    assert dy is not None
+    axes = _axes(ctx, node)
+    assert axes is not None
+    rest: Grads = [None] * (len(node.input) - 1)
+    if not axes:  # noop_with_empty_axes: Y = X
+        return [dy, *rest]
+    x, b = node.input[0], ctx.b
+    mask = b.op("Cast", [b.op("Equal", [x, _kept(ctx, node, node.output[0], axes)])], to=ctx.info.grad_dtype(x))
+    count = b.reduce("ReduceSum", mask, axes, keepdims=True)
+    return [b.op("Mul", [mask, b.op("Div", [_kept(ctx, node, dy, axes), count])]), *rest]
+
+
+def reduce_max(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = max_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes):
+    every position that attains the maximum gets an equal share of dY, as in torch.amax."""
+    return _extremum(ctx, node, dys)
+
+
+def reduce_min(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = min_axes X:  dX = dY [X = Y] / #{X = Y} (Y, dY broadcast back over the reduced axes):
+    every position that attains the minimum gets an equal share of dY, as in torch.amin."""
+    return _extremum(ctx, node, dys)
+
+
+def reduce_l2(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = sqrt(Σ_axes X^2):  dX = dY X / Y, and 0 where Y = 0 (torch's norm subgradient).
+
+    With noop_with_empty_axes and no axes, Y = |X| and the same formula gives dY sign(X).
+    """
+    dy = dys[0]
+    assert dy is not None
+    axes = _axes(ctx, node)
+    assert axes is not None
+    x, b = node.input[0], ctx.b
+    y = _kept(ctx, node, node.output[0], axes)
+    zero = ctx.scalar_like(x, 0.0)
+    safe = b.op("Where", [b.op("Equal", [y, zero]), ctx.scalar_like(x, 1.0), y])
+    return [b.op("Mul", [x, b.op("Div", [_kept(ctx, node, dy, axes), safe])])] + [None] * (len(node.input) - 1)
+
+
+def reduce_log_sum_exp(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = log Σ_axes e^X:  dX = dY e^(X - Y) (the softmax over the reduced axes; dY itself for
+    noop_with_empty_axes with no axes, where Y = X)."""
+    dy = dys[0]
+    assert dy is not None
+    axes = _axes(ctx, node)
+    assert axes is not None
+    x, b = node.input[0], ctx.b
+    weights = b.op("Exp", [b.op("Sub", [x, _kept(ctx, node, node.output[0], axes)])])
+    return [b.op("Mul", [weights, _kept(ctx, node, dy, axes)])] + [None] * (len(node.input) - 1)

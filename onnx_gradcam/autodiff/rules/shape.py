@@ -1,4 +1,5 @@
-"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding."""
+"""Gradients of ops that only move data: reshapes, transposes, concatenation, slicing, padding,
+broadcasting copies (Expand, Tile) and gathers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from ...errors import UnsupportedOpError
 from ..context import RuleContext
-from ._common import contract_axis, contract_axis_with, norm_axis
+from ._common import contract_axis, contract_axis_with, norm_axis, unbroadcast
 
 Grads = list[str | None]
 
@@ -155,7 +157,8 @@ def _slice_params(ctx: RuleContext, node: onnx.NodeProto, rank: int) -> list[tup
 
 def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = X[start:stop:step] on some axes:  dX = dY scattered back into zeros shaped like X
-    (a Pad for unit steps; an index scatter otherwise)."""
+    (a Pad for unit steps, its pads computed at run time where bounds or sizes are known only
+    then; an index scatter otherwise)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
@@ -166,7 +169,14 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     assert shape is not None
     g = dy
     b = ctx.b
-    for ax, lo, hi, step in _slice_params(ctx, node, rank):
+    try:
+        params = _slice_params(ctx, node, rank)
+    except UnsupportedOpError:
+        runtime = _slice_back_at_run_time(ctx, node, dy, rank)
+        if runtime is None:
+            raise
+        return [runtime] + [None] * (len(node.input) - 1)
+    for ax, lo, hi, step in params:
         dim = shape[ax]
         assert isinstance(dim, int)
         picked = list(range(lo, hi, step))
@@ -180,6 +190,44 @@ def slice_(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     return [g] + [None] * (len(node.input) - 1)
 
 
+def _slice_back_at_run_time(ctx: RuleContext, node: onnx.NodeProto, dy: str, rank: int) -> str | None:
+    """Unit-step Slice with bounds or axis sizes known only at run time: dX = Pad(dY, pads), the
+    pads computed as the spec normalises the bounds, start' = clamp(start < 0 ? start + d : start,
+    0, d), likewise end', pads (start', d - max(start', end')). None where steps are not all 1 or
+    axes not constant (the caller's error stands)."""
+    if ctx.opset < 11 or len(node.input) < 3:
+        return None
+    axes_value = ctx.const_input(node, 3) if len(node.input) > 3 and node.input[3] else None
+    steps = ctx.const_input(node, 4) if len(node.input) > 4 and node.input[4] else None
+    if steps is not None and np.any(steps != 1):
+        return None
+    if axes_value is not None:
+        axes = [norm_axis(int(v), rank) for v in axes_value]
+    else:
+        starts_shape = ctx.info.static_shape(node.input[1])
+        if starts_shape is None or len(starts_shape) != 1:
+            return None
+        axes = list(range(starts_shape[0]))
+    b = ctx.b
+    i64 = onnx.TensorProto.INT64
+    dims = b.op("Gather", [b.shape_of(node.input[0]), b.const(np.array(axes, np.int64), "axes")], axis=0)
+    zero = b.const(np.array(0, np.int64), "zero")
+
+    def bound(v: str) -> str:
+        v = b.op("Cast", [v], to=i64)
+        v = b.op("Where", [b.op("Less", [v, zero]), b.op("Add", [v, dims]), v])
+        return b.op("Min", [b.op("Max", [v, zero]), dims])
+
+    start, end = bound(node.input[1]), bound(node.input[2])
+    after = b.op("Sub", [dims, b.op("Max", [start, end])])
+    where = b.const(np.array(axes + [rank + a for a in axes], np.int64), "pad_positions")
+    pads = b.op(
+        "ScatterElements",
+        [b.const(np.zeros(2 * rank, np.int64), "pads"), where, b.op("Concat", [start, after], axis=0)],
+    )
+    return b.op("Pad", [dy, pads])
+
+
 def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axis: int, rank: int, like: str) -> str:
     """Undo a gather of `picked` positions along `axis`: g contracted with one-hot(picked, dim)."""
     onehot = np.zeros([len(picked), dim])
@@ -189,18 +237,21 @@ def _scatter_axis(ctx: RuleContext, g: str, picked: Sequence[int], dim: int, axi
 
 
 def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
-    """Y = take(X, idx, axis), idx constant:  dX = dY contracted with one-hot(idx) along axis
-    (repeated indices add up). The one-hot matrix is a constant where X's size along axis is
-    known, else built at run time: onehot[k, j] = (idx[k] mod size == j), j = 0..size-1."""
+    """Y = take(X, idx, axis):  dX = dY contracted with one-hot(idx) along axis (repeated
+    indices add up). The one-hot matrix is a constant where idx is one and X's size along axis
+    is known, else built at run time: onehot[k, j] = (idx[k] mod size == j), j = 0..size-1
+    (indices computed by the model, such as TopK's, carry no gradient themselves)."""
     dy = dys[0]
     assert dy is not None
     x = node.input[0]
     rank = ctx.info.rank(x)
     if rank is None:
         raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    if ctx.info.const(node.input[1]) is None and node.input[1] not in ctx.info.folded:
+        return [_gather_run_time(ctx, node, dy, axis, rank), None]
     idx = ctx.const_input(node, 1)
     assert idx is not None
-    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
     shape = ctx.info.shape(x)
     dim = shape[axis] if shape is not None else None
     b = ctx.b
@@ -221,17 +272,47 @@ def gather(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     return [contract_axis_with(ctx, g, _run_time_onehot(ctx, idx.reshape(-1), x, axis), axis, rank), None]
 
 
-def _run_time_onehot(ctx: RuleContext, idx: np.ndarray, x: str, axis: int) -> str:
-    """[len(idx), size] with onehot[k, j] = (idx[k] mod size == j), size = X's size along axis
-    at run time (a negative index counts from the end, as Gather reads it)."""
+def _gather_run_time(ctx: RuleContext, node: onnx.NodeProto, dy: str, axis: int, rank: int) -> str:
+    """Gather's dX for indices computed at run time: dY with the index axes collapsed into one,
+    contracted with the one-hot of the flattened indices."""
+    x, indices = node.input[0], node.input[1]
+    idx_rank = ctx.info.rank(indices)
+    yshape = ctx.info.shape(node.output[0])
+    if idx_rank is None or yshape is None:
+        raise ctx.unsupported(node, "indices computed at run time, of unknown rank or output shape")
+    b = ctx.b
+    g = dy
+    if idx_rank == 0:
+        g = b.unsqueeze(g, [axis])
+    elif idx_rank > 1:
+        after = yshape[axis + idx_rank :]
+        if not all(isinstance(d, int) for d in after):
+            raise ctx.unsupported(node, f"indices computed at run time, then output axes of unknown size {after}")
+        before = [d if isinstance(d, int) else 0 for d in yshape[:axis]]  # 0: Reshape copies that axis
+        g = b.op("Reshape", [g, b.const(np.array([*before, -1, *after], np.int64), "shape")])
+    flat = b.op("Reshape", [indices, b.const(np.array([-1, 1], np.int64), "shape")])
+    if ctx.info.dtype(indices) != onnx.TensorProto.INT64:
+        flat = b.op("Cast", [flat], to=onnx.TensorProto.INT64)
+    return contract_axis_with(ctx, g, _onehot_of(ctx, flat, x, axis, wrap=True), axis, rank)
+
+
+def _onehot_of(ctx: RuleContext, picked: str, x: str, axis: int, wrap: bool) -> str:
+    """[k, size] with onehot[i, j] = (picked[i] == j) for int64 indices [k, 1], size = X's size
+    along axis at run time; with `wrap`, negative indices count from the end (picked mod size)."""
     b = ctx.b
     size = b.shape_of(x, axis, axis + 1)  # [1]
-    picked = b.const(idx.astype(np.int64).reshape(-1, 1), "indices")  # [k, 1]
-    if (idx < 0).any():
+    if wrap:
         picked = b.op("Mod", [b.op("Add", [picked, size]), size])
     zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
     positions = b.op("Range", [zero, b.squeeze(size, [0]), one])  # [size]
     return b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
+
+
+def _run_time_onehot(ctx: RuleContext, idx: np.ndarray, x: str, axis: int) -> str:
+    """[len(idx), size] with onehot[k, j] = (idx[k] mod size == j), size = X's size along axis
+    at run time (a negative index counts from the end, as Gather reads it)."""
+    picked = ctx.b.const(idx.astype(np.int64).reshape(-1, 1), "indices")  # [k, 1]
+    return _onehot_of(ctx, picked, x, axis, wrap=bool((idx < 0).any()))
 
 
 def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
@@ -266,3 +347,130 @@ def pad(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: 
     if any(back):
         g = b.op("Pad", [g, b.const(np.array(back, np.int64), "pads")])
     return [g] + [None] * (len(node.input) - 1)
+
+
+def expand(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = expand(X, shape) (broadcasting):  dX = unbroadcast(dY), the sum over the copies;
+    the shape may be a run-time value (the broadcast axes are then found at run time)."""
+    dy = dys[0]
+    assert dy is not None
+    return [unbroadcast(ctx, dy, node.input[0], node.output[0]), None]
+
+
+def tile(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = tile(X, r):  dX[i] = Σ_k dY[k d + i] per axis (d = X's size), the sum over the copies:
+    dY reshaped to [r_0, d_0, r_1, d_1, ...] and summed over the r axes. r may be a run-time value."""
+    dy = dys[0]
+    assert dy is not None
+    x, reps = node.input[0], node.input[1]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    b = ctx.b
+    value = ctx.info.const(reps)
+    if value is None and reps in ctx.info.folded:
+        value = np.array(ctx.info.folded[reps], np.int64)
+    static = ctx.info.static_shape(x)
+    if value is not None and np.all(value == 1):
+        return [dy, None]
+    if value is not None and static is not None:
+        target = b.const(np.stack([value.astype(np.int64), np.array(static, np.int64)], axis=1).reshape(-1), "shape")
+    else:  # interleave the repeats with X's shape at run time
+        r = b.const(value.astype(np.int64), "repeats") if value is not None else reps
+        pairs = b.op("Concat", [b.unsqueeze(r, [1]), b.unsqueeze(b.shape_of(x), [1])], axis=1)  # [rank, 2]
+        target = b.op("Reshape", [pairs, b.const(np.array([-1], np.int64), "shape")])
+    copies = b.op("Reshape", [dy, target])
+    return [b.reduce("ReduceSum", copies, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+def gather_elements(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y[.., i, ..] = X[.., idx[.., i, ..], ..] along axis:  dX = dY added into zeros shaped like X at
+    the gathered positions (repeated indices add up): ScatterElements(reduction='add') from opset
+    16; below, dY times a one-hot of the indices, summed over the gathered axis."""
+    dy = dys[0]
+    assert dy is not None
+    x, idx = node.input
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", 0)), rank)
+    b = ctx.b
+    if ctx.opset >= 16:
+        return [b.op("ScatterElements", [ctx.zeros_like(x), idx, dy], axis=axis, reduction="add"), None]
+    # onehot[.., i, .., j] = (idx[.., i, ..] mod d == j), j < d = X's size along axis
+    shape = ctx.info.shape(x)
+    dim = shape[axis] if shape is not None else None
+    size = b.const(np.array([dim], np.int64), "size") if isinstance(dim, int) else b.shape_of(x, axis, axis + 1)
+    if ctx.info.dtype(idx) != onnx.TensorProto.INT64:
+        idx = b.op("Cast", [idx], to=onnx.TensorProto.INT64)
+    picked = b.unsqueeze(b.op("Mod", [b.op("Add", [idx, size]), size]), [rank])  # negative ones count from the end
+    zero, one = b.const(np.array(0, np.int64), "zero"), b.const(np.array(1, np.int64), "one")
+    positions = b.op("Range", [zero, b.squeeze(size, [0]), one])
+    onehot = b.op("Cast", [b.op("Equal", [picked, positions])], to=ctx.info.grad_dtype(x))
+    spread = b.reduce("ReduceSum", b.op("Mul", [onehot, b.unsqueeze(dy, [rank])]), [axis], keepdims=True)
+    perm = list(range(rank + 1))
+    perm[axis], perm[rank] = rank, axis
+    g = b.squeeze(b.transpose(spread, perm), [rank])
+    # the indices may be shorter than X on the other axes: zeros after them
+    ishape, xshape = ctx.info.static_shape(node.input[1]), ctx.info.static_shape(x)
+    if ishape is None or xshape is None or any(i != s for a, (i, s) in enumerate(zip(ishape, xshape)) if a != axis):
+        ends = b.op("Sub", [b.shape_of(x), b.shape_of(g)])
+        g = b.op("Pad", [g, b.op("Concat", [b.const(np.zeros(rank, np.int64), "pads"), ends], axis=0)])
+    return [g, None]
+
+
+# -- depth <-> space, top-k ---------------------------------------------------------------
+
+
+def _mode(ctx: RuleContext, node: onnx.NodeProto) -> str:
+    mode = ctx.attrs(node).get("mode", b"DCR")
+    return mode.decode() if isinstance(mode, bytes) else str(mode)
+
+
+def depth_to_space(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = DepthToSpace(X, b), a permutation of X's elements:  dX = SpaceToDepth(dY, b) in mode
+    DCR (its exact inverse); in mode CRD the channels of that come in the order (i, j, c) and are
+    put back in X's order (c, i, j) by a Gather along axis 1."""
+    dy = dys[0]
+    assert dy is not None
+    x = node.input[0]
+    block = int(ctx.attrs(node)["blocksize"])
+    mode = _mode(ctx, node)
+    if mode not in ("DCR", "CRD"):
+        raise ctx.unsupported(node, f"mode={mode!r}")
+    b = ctx.b
+    dx = b.op("SpaceToDepth", [dy], blocksize=block)  # channel (i * b + j) * C' + c
+    if mode == "CRD":
+        shape = ctx.info.shape(x)
+        channels = shape[1] if shape is not None and len(shape) == 4 else None
+        if not isinstance(channels, int):
+            raise ctx.unsupported(node, "mode='CRD' with a channel count unknown at prepare time")
+        inner = channels // (block * block)
+        order = [(ij * inner) + c for c in range(inner) for ij in range(block * block)]  # X's channel c*b*b + ij
+        dx = b.op("Gather", [dx, b.const(np.array(order, np.int64), "channels")], axis=1)
+    return [dx]
+
+
+def space_to_depth(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Y = SpaceToDepth(X, b), a permutation of X's elements:  dX = DepthToSpace(dY, b, mode DCR),
+    its exact inverse."""
+    dy = dys[0]
+    assert dy is not None
+    return [ctx.b.op("DepthToSpace", [dy], blocksize=int(ctx.attrs(node)["blocksize"]))]
+
+
+def top_k(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
+    """Values, Indices = TopK(X, K, axis):  dX = zeros shaped like X with dValues scattered to
+    Indices along axis (each index is picked once per slice; the Indices output carries no
+    gradient, whatever `largest` and `sorted` say)."""
+    dy = dys[0]
+    if dy is None:  # only the indices are used downstream: an integer output, no gradient
+        raise ctx.unsupported(node, "a gradient through its Indices output, which is an integer index")
+    x = node.input[0]
+    rank = ctx.info.rank(x)
+    if rank is None:
+        raise ctx.unsupported(node, "an input of unknown rank")
+    axis = norm_axis(int(ctx.attrs(node).get("axis", -1)), rank)
+    scatter = "ScatterElements" if ctx.opset >= 11 else "Scatter"  # the same op, renamed at opset 11
+    dx = ctx.b.op(scatter, [ctx.zeros_like(x), node.output[1], dy], axis=axis)
+    return [dx] + [None] * (len(node.input) - 1)
