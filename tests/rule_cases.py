@@ -1345,6 +1345,8 @@ RECURRENT_CASES: dict[str, list[Case]] = {
             direction="bidirectional",
         ),
         _lstm_case("run_time_length_reverse_input_forget", dynamic=True, input_forget=1, direction="reverse"),
+        # an empty row (sequence_lens 0): onnxruntime gives it Y_h = Y_c = 0, not the initial states
+        _lstm_case("empty_row_bidirectional", dirs=2, lens=[0, 3], direction="bidirectional"),
         _lstm_case(
             "bidirectional_activations",
             dirs=2,
@@ -1375,6 +1377,7 @@ RECURRENT_CASES: dict[str, list[Case]] = {
             "GRU", "run_time_length_bidirectional_lens", dirs=2, lens=[2, 4], dynamic=True, direction="bidirectional"
         ),
         _gru_case("GRU", "run_time_length_linear_before_reset", dynamic=True, linear_before_reset=1),
+        _gru_case("GRU", "run_time_length_empty_row_reverse", lens=[0, 3], dynamic=True, direction="reverse"),
         _gru_case(
             "GRU",
             "activations",
