@@ -1323,6 +1323,13 @@ def _gru_case(
     )
 
 
+def _replace_opset(case: Case, opset: int) -> Case:
+    case.opset = opset
+    if opset < 14:  # layout came with opset 14
+        case.attrs.pop("layout")
+    return case
+
+
 RECURRENT_CASES: dict[str, list[Case]] = {
     "LSTM": [
         _lstm_case("forward"),
@@ -1347,6 +1354,8 @@ RECURRENT_CASES: dict[str, list[Case]] = {
         _lstm_case("run_time_length_reverse_input_forget", dynamic=True, input_forget=1, direction="reverse"),
         # an empty row (sequence_lens 0): onnxruntime gives it Y_h = Y_c = 0, not the initial states
         _lstm_case("empty_row_bidirectional", dirs=2, lens=[0, 3], direction="bidirectional"),
+        _replace_opset(_lstm_case("opset11_bidirectional_lens", dirs=2, lens=[4, 2], direction="bidirectional"), 11),
+        _replace_opset(_lstm_case("opset21_run_time_length", dynamic=True, peepholes=True), 21),
         _lstm_case(
             "bidirectional_activations",
             dirs=2,
