@@ -425,3 +425,45 @@ def test_crnn_gradient_at_the_conv_features_matches_float64_differences(crnn: Pa
             analytic.append(float((g * v).sum()))
         err = rel_err(np.array(analytic), np.array(numeric))
         assert err < EXACT, f"column {t}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+def test_crnn_of_run_time_width_prepares_with_a_loop_and_matches_autograd(tmp_path: Path, opset: int) -> None:
+    """A CRNN exported with a dynamic width: the LSTM's length is known only at run time, so the
+    prepared file differentiates it with a Loop (and passes prepare's self-check); at two widths,
+    the gradient at the conv map equals torch autograd in float64 (random weights)."""
+    import train_crnn
+
+    torch.manual_seed(0)
+    net = train_crnn.build().eval()
+    src = tmp_path / "crnn_dynamic.onnx"
+    torch.onnx.export(
+        net,
+        torch.zeros(1, 1, 32, 128),
+        str(src),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch", 3: "width"}, "logits": {0: "batch", 2: "columns"}},
+    )
+    conv = [n.output[0] for n in onnx.load(str(src)).graph.node if n.op_type == "Relu"][-1]
+    out = tmp_path / "crnn_dynamic.gradcam.onnx"
+    prepare(src, out, target="seed", feature_layer=conv, expose_gradient=True)
+    assert any(n.op_type == "Loop" for n in onnx.load(str(out)).graph.node)
+    session = cpu_session(out.read_bytes())
+    names = [o.name for o in session.get_outputs()]
+    net64 = train_crnn.build()
+    net64.load_state_dict(net.state_dict())
+    net64 = net64.double().eval()
+    for width in (64, 96):
+        rng = np.random.default_rng(width)
+        x = rng.random((2, 1, 32, width)).astype(np.float32)
+        seed = rng.uniform(-1, 1, (2, train_crnn.BLANK + 1, width // 4)).astype(np.float32)
+        got = dict(zip(names, session.run(None, {"input": x, "gradcam_seed": seed})))
+        features = net64.features(torch.from_numpy(x.astype(np.float64))).detach().requires_grad_(True)
+        seq = net64.pool(features).squeeze(2).permute(2, 0, 1)
+        logits = net64.fc(net64.lstm(seq)[0]).permute(1, 2, 0)
+        (grad,) = torch.autograd.grad((logits * torch.from_numpy(seed.astype(np.float64))).sum(), features)
+        err = rel_err(got["gradcam_gradient"], grad.numpy())
+        assert err < EXACT, f"width {width}: relative error {err:.2e}"
