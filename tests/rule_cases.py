@@ -1263,3 +1263,183 @@ MAXPOOL_LRN_CASES: dict[str, list[Case]] = {
     ],
 }
 CASES.update({op: CASES.get(op, []) + cases for op, cases in MAXPOOL_LRN_CASES.items()})
+
+# -- recurrent ops (LSTM, GRU, RNN): onnxruntime runs them in float32 only -------------------------
+# T = 4 steps, N = 2, I = 3, H = 3; gradients to X and the initial states, every output seeded.
+_T, _N, _I, _H = 4, 2, 3, 3
+
+
+def _rnn_inputs(gates: int, dirs: int, layout: int = 0, lens: Any = None, cell: bool = False, seed: int = 0):  # type: ignore[no-untyped-def]
+    xs = (_N, _T, _I) if layout else (_T, _N, _I)
+    hs = (_N, dirs, _H) if layout else (dirs, _N, _H)
+    w = rnd(dirs, gates * _H, _I, seed=seed + 1) * 0.8
+    r = rnd(dirs, gates * _H, _H, seed=seed + 2) * 0.8
+    bias = rnd(dirs, 2 * gates * _H, seed=seed + 3) * 0.5
+    inputs = [x_(rnd(*xs, seed=seed)), c_("w", w), c_("r", r), c_("b", bias)]
+    inputs.append(NONE if lens is None else c_("lens", np.array(lens, np.int32)))
+    inputs.append(x_(rnd(*hs, seed=seed + 4) * 0.5, "h0"))
+    if cell:
+        inputs.append(x_(rnd(*hs, seed=seed + 5) * 0.5, "c0"))
+    return inputs
+
+
+def _lstm_case(
+    id: str,
+    dirs: int = 1,
+    layout: int = 0,
+    lens: Any = None,
+    peepholes: bool = False,
+    dynamic: bool = False,
+    **attrs: Any,
+) -> Case:
+    inputs = _rnn_inputs(4, dirs, layout, lens, cell=True)
+    if peepholes:
+        inputs.append(c_("p", rnd(dirs, 3 * _H, seed=9) * 0.5))
+    return Case(
+        id,
+        inputs,
+        attrs={"hidden_size": _H, "layout": layout, **attrs},
+        wrt=("x", "h0", "c0"),
+        opset=14,
+        outputs=3,
+        dtype=F32,
+        symbolic=(0,) if dynamic else (),  # the sequence length at run time: the Loop path
+    )
+
+
+def _gru_case(
+    op: str, id: str, dirs: int = 1, layout: int = 0, lens: Any = None, dynamic: bool = False, **attrs: Any
+) -> Case:
+    inputs = _rnn_inputs(3 if op == "GRU" else 1, dirs, layout, lens, seed=20)
+    return Case(
+        id,
+        inputs,
+        attrs={"hidden_size": _H, "layout": layout, **attrs},
+        wrt=("x", "h0"),
+        opset=14,
+        outputs=2,
+        dtype=F32,
+        symbolic=(0,) if dynamic else (),
+    )
+
+
+def _replace_opset(case: Case, opset: int) -> Case:
+    case.opset = opset
+    if opset < 14:  # layout came with opset 14
+        case.attrs.pop("layout")
+    return case
+
+
+RECURRENT_CASES: dict[str, list[Case]] = {
+    "LSTM": [
+        _lstm_case("forward"),
+        _lstm_case("reverse_lens", lens=[4, 2], direction="reverse"),
+        _lstm_case(
+            "bidirectional_peepholes_clip_lens",
+            dirs=2,
+            lens=[3, 4],
+            peepholes=True,
+            clip=0.9,
+            direction="bidirectional",
+        ),
+        _lstm_case("input_forget_peepholes", peepholes=True, input_forget=1),
+        _lstm_case(
+            "run_time_length_bidirectional_peepholes_lens",
+            dirs=2,
+            lens=[3, 4],
+            peepholes=True,
+            dynamic=True,
+            direction="bidirectional",
+        ),
+        _lstm_case("run_time_length_reverse_input_forget", dynamic=True, input_forget=1, direction="reverse"),
+        # an empty row (sequence_lens 0): onnxruntime gives it Y_h = Y_c = 0, not the initial states
+        _lstm_case("empty_row_bidirectional", dirs=2, lens=[0, 3], direction="bidirectional"),
+        _replace_opset(_lstm_case("opset11_bidirectional_lens", dirs=2, lens=[4, 2], direction="bidirectional"), 11),
+        _replace_opset(_lstm_case("opset21_run_time_length", dynamic=True, peepholes=True), 21),
+        _lstm_case(
+            "bidirectional_activations",
+            dirs=2,
+            direction="bidirectional",
+            activations=["HardSigmoid", "Elu", "Softsign", "Sigmoid", "ScaledTanh", "Softplus"],
+            activation_alpha=[0.3, 0.8, 1.5],
+            activation_beta=[0.45, 0.7],
+        ),
+        _lstm_case(
+            "affine_leaky",
+            activations=["Sigmoid", "LeakyRelu", "Affine"],
+            activation_alpha=[0.1, 0.7],
+            activation_beta=[0.2],
+        ),
+    ],
+    "GRU": [
+        _gru_case("GRU", "forward"),
+        _gru_case(
+            "GRU",
+            "linear_before_reset_bidirectional_lens",
+            dirs=2,
+            lens=[2, 4],
+            linear_before_reset=1,
+            direction="bidirectional",
+        ),
+        _gru_case("GRU", "reverse_clip_lens", lens=[4, 3], clip=0.6, direction="reverse"),
+        _gru_case(
+            "GRU", "run_time_length_bidirectional_lens", dirs=2, lens=[2, 4], dynamic=True, direction="bidirectional"
+        ),
+        _gru_case("GRU", "run_time_length_linear_before_reset", dynamic=True, linear_before_reset=1),
+        _gru_case("GRU", "run_time_length_empty_row_reverse", lens=[0, 3], dynamic=True, direction="reverse"),
+        _gru_case(
+            "GRU",
+            "activations",
+            activations=["HardSigmoid", "Softsign"],
+            activation_alpha=[0.25],
+            activation_beta=[0.55],
+        ),
+    ],
+    "RNN": [
+        _gru_case("RNN", "forward"),
+        _gru_case(
+            "RNN",
+            "bidirectional_lens",
+            dirs=2,
+            lens=[3, 1],
+            direction="bidirectional",
+            activations=["Softplus", "ScaledTanh"],
+            activation_alpha=[1.2],
+            activation_beta=[0.6],
+        ),
+        _gru_case("RNN", "reverse_clip", clip=0.5, direction="reverse"),
+        _gru_case(
+            "RNN", "run_time_length_bidirectional_lens", dirs=2, lens=[3, 1], dynamic=True, direction="bidirectional"
+        ),
+        _gru_case("RNN", "thresholded_relu", activations=["ThresholdedRelu"], activation_alpha=[0.05]),
+    ],
+}
+CASES.update(RECURRENT_CASES)
+# layout 1 ([N, T, ...]): onnxruntime refuses it, so tests/test_recurrent.py runs these in onnx's
+# reference evaluator, in float64, with default activations (the reference ignores the others)
+RECURRENT_LAYOUT1_CASES: dict[str, list[Case]] = {
+    "LSTM": [
+        _lstm_case("layout1_forward", layout=1),
+        _lstm_case("layout1_bidirectional_peepholes", dirs=2, layout=1, peepholes=True, direction="bidirectional"),
+    ],
+    "GRU": [
+        _gru_case("GRU", "layout1_bidirectional", dirs=2, layout=1, direction="bidirectional"),
+        _gru_case("GRU", "layout1_reverse_linear_before_reset", layout=1, direction="reverse", linear_before_reset=1),
+    ],
+    # no Loop path here: onnx 1.23's reference Loop stacks scan outputs with vstack ([T N, ...])
+    "RNN": [_gru_case("RNN", "layout1_bidirectional", dirs=2, layout=1, direction="bidirectional")],
+}
+# Concat at opset 12 (Split takes its sizes as an attribute there; torch's LSTM exports reach it)
+CASES["Concat"] = [
+    *CASES["Concat"],
+    Case("opset12", [x_(rnd(2, 3, 2)), x_(rnd(2, 1, 2, seed=1), "b")], attrs={"axis": 1}, wrt=("x", "b"), opset=12),
+    Case(
+        "opset12_run_time_sizes",
+        [x_(rnd(2, 3, 2)), x_(rnd(2, 1, 2, seed=1), "b")],
+        attrs={"axis": 1},
+        wrt=("x", "b"),
+        opset=12,
+        symbolic=(1,),
+    ),
+]
+# -- end recurrent ops ------------------------------------------------------------------------------

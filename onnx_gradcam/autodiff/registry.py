@@ -21,6 +21,7 @@ from .rules import (
     normalization,
     pooling,
     quantization,
+    recurrent,
     reduction,
     resize,
     shape,
@@ -121,6 +122,16 @@ RULES.update(
 # -- maxpool branch: local response normalisation (MaxPool's masks below opset 16 live in its rule)
 RULES.update({"LRN": normalization.lrn})
 # -- end maxpool branch
+
+# -- recurrent ops (LSTM, GRU, RNN): input sequence and initial states --------------------------
+RULES.update(
+    {
+        "LSTM": recurrent.lstm,
+        "GRU": recurrent.gru,
+        "RNN": recurrent.rnn,
+    }
+)
+# -- end recurrent ops ---------------------------------------------------------------------------
 
 # Inputs that carry gradient, where not all of them do. Ops listed with () carry none:
 # their outputs are shapes, indices or booleans, constants as far as gradients go.

@@ -311,8 +311,20 @@ def _live(
     for node in reversed(nodes):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(node.input)
+            needed.update(_reads(node))
     return list(reversed(kept)), [t for t in inits if t.name in needed]
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The tensors a node reads: its inputs and what its subgraphs (a Loop's body) read from the
+    enclosing graph (their own tensors too: fresh names, so they match nothing outside)."""
+    names = set(node.input)
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names |= _reads(inner)
+    return names
 
 
 def _dim(d: object) -> int | str | None:

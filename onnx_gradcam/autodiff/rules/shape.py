@@ -81,6 +81,25 @@ def _axis_sizes(ctx: RuleContext, names: Sequence[str], axis: int) -> str:
     return ctx.b.op("Concat", parts, axis=0)
 
 
+def _split_before_13(ctx: RuleContext, dy: str, names: Sequence[str], axis: int) -> list[str]:
+    """split(dY, sizes of `names`, axis) at opset 11-12: the split attribute where the sizes are
+    static, else one Slice per piece from the sizes' running sum."""
+    b = ctx.b
+    dims = [(ctx.info.shape(n) or (None,) * (axis + 1))[axis] for n in names]
+    if all(isinstance(d, int) for d in dims):
+        return list(b.op("Split", [dy], axis=axis, split=[int(d) for d in dims], outputs=len(names)))  # type: ignore[arg-type]
+    sizes = _axis_sizes(ctx, names, axis)
+    ends = b.op("CumSum", [sizes, b.const(np.array(0, np.int64), "axis")])
+    starts = b.op("Sub", [ends, sizes])
+    axes = b.const(np.array([axis], np.int64), "axes")
+    pieces = []
+    for i in range(len(names)):
+        at = b.const(np.array([i], np.int64), "index")
+        bounds = [b.op("Gather", [starts, at]), b.op("Gather", [ends, at])]
+        pieces.append(b.op("Slice", [dy, *bounds, axes]))
+    return pieces
+
+
 def concat(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wrt: Sequence[bool]) -> Grads:
     """Y = concat(X_1..X_n, axis):  dX_i = the i-th piece of split(dY, sizes of X_i, axis)."""
     dy = dys[0]
@@ -89,9 +108,13 @@ def concat(ctx: RuleContext, node: onnx.NodeProto, dys: Sequence[str | None], wr
     if rank is None:
         raise ctx.unsupported(node, "an output of unknown rank")
     axis = norm_axis(int(ctx.attrs(node)["axis"]), rank)
-    pieces = ctx.b.op("Split", [dy, _axis_sizes(ctx, node.input, axis)], axis=axis, outputs=len(node.input))
+    pieces: list[str]
     if len(node.input) == 1:
-        pieces = [pieces]
+        pieces = [dy]
+    elif ctx.opset < 13:  # Split's sizes are an attribute before opset 13
+        pieces = _split_before_13(ctx, dy, node.input, axis)
+    else:
+        pieces = ctx.b.op("Split", [dy, _axis_sizes(ctx, node.input, axis)], axis=axis, outputs=len(node.input))
     return [p if w else None for p, w in zip(pieces, wrt)]
 
 
