@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from ._version import __version__
-from .api import Explainer, default_output, prepare
+from .api import Explainer, default_output, export_triton, prepare
 from .api import layers as list_layers
 from .errors import BadInputError, OnnxGradCamError
 from .explain.explainer import labels_beside, read_labels
@@ -24,7 +24,7 @@ from .explain.signals import SIGNAL_SUFFIXES, load_signal, plot_signal
 from .explain.tokens import array_picture, load_array, load_bytes, plot_tokens
 from .surgery.layout import CHOICES as LAYOUT_CHOICES
 from .surgery.methods import METHODS
-from .surgery.prepare import PRESETS, Preprocess
+from .surgery.prepare import CLASS_INPUTS, PRESETS, Preprocess
 
 EXAMPLES_PREPARE = """
 \b
@@ -56,6 +56,7 @@ def main() -> None:
     1. `prepare` rewrites MODEL.onnx so one forward pass also returns its Grad-CAM map.
     2. `explain` runs a model (prepared or not) on images and writes heat-map overlays.
     3. `layers` lists the feature maps Grad-CAM can use.
+    4. `export-triton` writes a Triton model folder (config.pbtxt, model, labels).
 
     \b
     Example:
@@ -97,6 +98,15 @@ def main() -> None:
     help="'seed' adds a gradcam_seed input for segmentation, regression, detection outputs.",
 )
 @click.option(
+    "--class-input",
+    type=click.Choice(list(CLASS_INPUTS)),
+    default="optional",
+    show_default=True,
+    help="How the model takes gradcam_class: 'optional' (an initializer-backed input, -1 = top-1 by default); "
+    "'required' (a plain input every request sends, -1 for top-1: Triton with dynamic batching, OpenVINO); "
+    "'none' (no class input, top-1 only).",
+)
+@click.option(
     "--preprocess", type=click.Choice(list(PRESETS)), help="Record this preprocessing so `explain` needs no flags."
 )
 @click.option(
@@ -135,6 +145,7 @@ def prepare_cmd(
     counterfactual: bool,
     guided: bool,
     target: str,
+    class_input: str,
     preprocess: str | None,
     expose_gradient: bool,
     layout: str | None,
@@ -143,8 +154,8 @@ def prepare_cmd(
 ) -> None:
     """Write a prepared model: MODEL plus its Grad-CAM, in standard ONNX operators.
 
-    The result has every original input and output, plus an optional input `gradcam_class`
-    (int64 per sample; omitted or negative = top-1) and outputs `gradcam_map` (at the input's
+    The result has every original input and output, plus an input `gradcam_class` (int64 per
+    sample; negative = top-1; optional unless --class-input says otherwise) and outputs `gradcam_map` (at the input's
     size, in [0, 1]), `gradcam_raw`, `gradcam_target` and `gradcam_score`. Before anything
     is written the result is run in onnxruntime beside MODEL on a probe batch; if it fails to
     load or run, or breaks that contract, the error names the failing node and no file is written.
@@ -164,6 +175,7 @@ def prepare_cmd(
             layout=layout,
             verify=not no_verify,
             opset=opset,
+            class_input=class_input,
         )
     except OnnxGradCamError as err:
         raise _fail(err) from None
@@ -179,6 +191,90 @@ def prepare_cmd(
             "verified:        loads and runs in onnxruntime (CPU); original outputs equal MODEL's on a probe batch"
         )
     click.echo(f"wrote {out}")
+
+
+EXAMPLES_TRITON = """
+\b
+Examples:
+  onnx-gradcam export-triton resnet50.onnx -o models              # models/resnet50/{config.pbtxt,1/model.onnx}
+  onnx-gradcam export-triton resnet50.onnx -o models --kind gpu --instances 1 --max-batch 16
+  onnx-gradcam export-triton resnet50.onnx -o models --max-batch 0 --class-input optional
+"""
+
+
+@main.command("export-triton", epilog=EXAMPLES_TRITON)
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "repository",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Triton model repository to write NAME/ into (created if missing).",
+)
+@click.option("--name", help="Model name (the folder's name). Default: MODEL's file name without .onnx/.gradcam.onnx.")
+@click.option(
+    "--max-batch",
+    type=int,
+    default=8,
+    show_default=True,
+    help="max_batch_size; > 0 adds dynamic_batching and leaves the batch axis out of the dims, 0 turns batching off.",
+)
+@click.option("--instances", type=int, default=2, show_default=True, help="instance_group count.")
+@click.option(
+    "--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="KIND_CPU or KIND_GPU."
+)
+@click.option(
+    "--class-input",
+    type=click.Choice(list(CLASS_INPUTS)),
+    help="For a plain MODEL, how the prepared model takes gradcam_class (see `prepare --help`). Default: 'required' "
+    "when --max-batch > 0 (Triton refuses optional inputs on batching models), else 'optional'.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Class names, one per line. Default: MODEL.labels.txt or labels.txt beside MODEL, if it names every class.",
+)
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the self-check when preparing a plain MODEL (see `prepare --help`)."
+)
+def export_triton_cmd(
+    model: Path,
+    repository: Path,
+    name: str | None,
+    max_batch: int,
+    instances: int,
+    kind: str,
+    class_input: str | None,
+    labels: Path | None,
+    no_verify: bool,
+) -> None:
+    """Write a Triton model folder: REPOSITORY/NAME/config.pbtxt, 1/model.onnx and labels.txt.
+
+    MODEL may be plain (it is prepared first, with the self-check) or prepared. The config
+    declares platform onnxruntime_onnx, every input and output with its data type and dims,
+    dynamic batching, the instance group and the labels file on the logits output. Nothing is
+    written if any check fails.
+    """
+    try:
+        done = export_triton(
+            model,
+            repository,
+            name=name,
+            max_batch=max_batch,
+            instances=instances,
+            kind=kind,
+            class_input=class_input,
+            labels=labels,
+            verify=not no_verify,
+        )
+    except OnnxGradCamError as err:
+        raise _fail(err) from None
+    click.echo(f"class input:     {done.class_input}")
+    if done.labels is not None:
+        click.echo(f"labels:          {done.labels} (label_filename of {done.labels_output!r})")
+    click.echo(f"wrote {done.config}")
+    click.echo(f"wrote {done.model}")
 
 
 @main.command("layers", epilog="\b\nExample:\n  onnx-gradcam layers resnet50.onnx")

@@ -168,6 +168,7 @@ class Explainer:
                 proto = copy
             proto.graph.output.append(_value_info(proto.graph, self.reduction))
         self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
+        self.class_input = class_input_form(proto, meta)
         self.batch_size = batch_size
         self.output_names = [o.name for o in self.session.get_outputs()]
         image_name = meta.get("input") or self.session.get_inputs()[0].name
@@ -252,6 +253,12 @@ class Explainer:
                 f"classes (0..{self.num_classes - 1})"
             )
         is_seed = self.metadata.get("target", "class") == "seed"
+        if self.class_input == "none" and classes.size and int(classes.max()) >= 0:
+            raise BadInputError(
+                f"class {int(classes.max())} was asked for, but this model was prepared with --class-input none and "
+                "explains only its top-1 class: to fix this, leave out the class, or prepare the model with "
+                "--class-input optional (or required)"
+            )
         if is_seed and seed is None:
             raise BadInputError(
                 "this model was prepared with --target seed: to fix this, pass seed=... (see onnx_gradcam.seeds)"
@@ -261,7 +268,7 @@ class Explainer:
             feeds: dict[str, np.ndarray] = {self.input.name: x[start : start + self.batch_size]}
             if is_seed:
                 feeds["gradcam_seed"] = np.asarray(seed, np.float32)[start : start + self.batch_size]
-            else:
+            elif self.class_input != "none":
                 feeds["gradcam_class"] = classes[start : start + self.batch_size]
             values = run_session(self.session, feeds)
             parts.append(dict(zip(self.output_names, values)))
@@ -405,6 +412,18 @@ def labels_beside(model: str | os.PathLike[str]) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def class_input_form(model: onnx.ModelProto, meta: dict[str, str]) -> str:
+    """How a class-target model takes gradcam_class: "optional", "required" or "none" ("" for
+    seed targets); from the metadata, or for models prepared before it was recorded, the graph."""
+    if meta.get("target", "class") != "class":
+        return ""
+    if "class_input" in meta:
+        return meta["class_input"]
+    if not any(i.name == "gradcam_class" for i in model.graph.input):
+        return "none"
+    return "optional" if any(t.name == "gradcam_class" for t in model.graph.initializer) else "required"
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

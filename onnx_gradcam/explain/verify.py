@@ -79,6 +79,9 @@ def verify_prepared(
             session = _session(model)
     except Exception as exc:  # onnxruntime's pybind errors share no base class but Exception
         raise _ort_failure(prepared, "does not load in onnxruntime", exc, chosen) from exc
+    form_problem = _class_input_problem(session, report)
+    if form_problem:
+        raise _contract_failure(prepared, cam.CLASS_INPUT, form_problem, chosen)
     feeds = {**feeds, **_target_feeds(session, report, feeds, expected)}
     try:
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
@@ -152,12 +155,14 @@ def _target_feeds(
     feeds: Mapping[str, np.ndarray],
     expected: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """gradcam_seed for seed targets: ones shaped like the reduction tensor (gradcam_class keeps
-    its default, top-1)."""
+    """gradcam_seed for seed targets: ones shaped like the reduction tensor; a required
+    gradcam_class: -1 per sample (top-1, what an optional one defaults to)."""
+    batch = int(feeds[report.image_input].shape[0])
+    if any(i.name == cam.CLASS_INPUT for i in session.get_inputs()):
+        return {cam.CLASS_INPUT: np.full(batch, -1, np.int64)}
     seed = next((i for i in session.get_inputs() if i.name == cam.SEED_INPUT), None)
     if seed is None:
         return {}
-    batch = int(feeds[report.image_input].shape[0])
     dims = [d if isinstance(d, int) and d > 0 else batch if i == 0 else -1 for i, d in enumerate(seed.shape)]
     if -1 in dims:
         if report.reduction_tensor not in expected:
@@ -168,6 +173,20 @@ def _target_feeds(
             )
         dims = list(expected[report.reduction_tensor].shape)
     return {cam.SEED_INPUT: np.ones(dims, _NP_TYPES.get(seed.type, np.float32))}
+
+
+def _class_input_problem(session: ort.InferenceSession, report: PrepareReport) -> str:
+    """What is wrong with how the session takes gradcam_class, against the recorded
+    --class-input ("" if nothing): an input, an overridable initializer, or absent."""
+    form = report.metadata.get("gradcam.class_input")
+    if form is None:  # seed targets
+        return ""
+    plain = any(i.name == cam.CLASS_INPUT for i in session.get_inputs())
+    optional = any(i.name == cam.CLASS_INPUT for i in session.get_overridable_initializers())
+    found = "required" if plain else "optional" if optional else "none"
+    if found != form:
+        return f"input {cam.CLASS_INPUT!r} is {found} in onnxruntime, but the model records --class-input {form}"
+    return ""
 
 
 def _contract_problem(

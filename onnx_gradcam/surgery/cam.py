@@ -82,15 +82,19 @@ def spatial_axes(shape: Sequence[object], layout: str) -> list[int]:
     return list(range(1, rank - 1)) if layout == "nhwc" else list(range(2, rank))
 
 
-def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str) -> tuple[str, str, str]:
-    """(seed, target, score): seed = one-hot of the chosen class (top-1 where class < 0)."""
+def class_seed(b: GraphBuilder, info: TensorInfo, logits: str, class_input: str | None) -> tuple[str, str, str]:
+    """(seed, target, score): seed = one-hot of the chosen class (top-1 where class < 0, and always
+    where there is no class input: --class-input none)."""
     shape = info.shape(logits)
     assert shape is not None
     k = shape[1]
     dtype = info.dtype(logits)
     top1 = b.op("ArgMax", [logits], hint="top1", axis=1, keepdims=0)
-    negative = b.op("Less", [class_input, b.const(np.array(0, np.int64), "zero")])
-    target = b.op("Where", [negative, top1, class_input], hint="target")
+    if class_input is None:
+        target = top1
+    else:
+        negative = b.op("Less", [class_input, b.const(np.array(0, np.int64), "zero")])
+        target = b.op("Where", [negative, top1, class_input], hint="target")
     column = b.unsqueeze(target, [1])
     if isinstance(k, int):
         classes = b.const(np.arange(k, dtype=np.int64), "classes")
@@ -122,11 +126,12 @@ def append_cam(
     image: str,
     layout: str,
     spec: CamSpec,
-    target_input: str,
+    target_input: str | None,
 ) -> CamOutputs:
     """Emit the whole computation; returns the public outputs it produces.
 
-    `target_input` is the gradcam_class input (class target) or the gradcam_seed input (seed).
+    `target_input` is the gradcam_class input (class target; None: top-1 only, no class input) or
+    the gradcam_seed input (seed).
     """
     b, info = ctx.b, ctx.info
     image_shape = info.shape(image)
@@ -138,6 +143,7 @@ def append_cam(
         seed, target, score = class_seed(b, info, spec.reduction, target_input)
         ctx.one_hot[seed] = target
     else:
+        assert target_input is not None
         seed, target, score = target_input, "", seed_score(b, info, spec.reduction, target_input)
     grads = backprop(ctx, nodes, list(spec.features), {spec.reduction: seed})
     dequantized = [

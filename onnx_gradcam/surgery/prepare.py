@@ -23,6 +23,11 @@ from .load import default_opset, min_ir_version, upgrade_opset
 from .shapes import folded_constants, infer_all
 
 META_PREFIX = "gradcam."
+# how a class-target model takes its class (--class-input): "optional", an input backed by an
+# initializer [-1] (callers may leave it out); "required", a plain input every request sends (-1 =
+# top-1), for servers that batch (Triton's onnxruntime backend refuses optional inputs when
+# max_batch_size > 0, OpenVINO folds an initializer-backed input into a constant); "none", top-1 only
+CLASS_INPUTS = ("optional", "required", "none")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ def prepare_model(
     inplace: bool = False,
     layout: str | None = None,
     opset: int | None = None,
+    class_input: str = "optional",
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """Return (prepared model, report). The input model is not modified.
 
@@ -93,7 +99,10 @@ def prepare_model(
     not tell it; otherwise it is found from the graph (surgery/layout.py). `opset` first upgrades a
     model below it with onnx's version converter (for instance 16, where overlapping MaxPool
     windows scatter-add their gradient); the IR version stays the source's where the opset allows.
+    `class_input` (CLASS_INPUTS) is how `gradcam_class` is given: an optional input defaulting to
+    top-1 (-1), a required input [batch], or none at all (top-1 only); class targets only.
     """
+    _check_class_input(class_input, target)
     original_ir = model.ir_version
     source_opset = default_opset(model)
     upgraded_from = source_opset if opset is not None and opset > source_opset else None
@@ -183,8 +192,9 @@ def prepare_model(
     b.cast_on_read(low_precision, TensorProto.FLOAT)
     target_input = b.reserve(cam.CLASS_INPUT if target == "class" else cam.SEED_INPUT)
     ctx = RuleContext(b, info, unclipped=layers.score_quantizers(graph, reduction))
+    read_by_cam = None if class_input == "none" else target_input
     try:
-        outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, target_input)
+        outs = cam.append_cam(ctx, list(graph.node), image, input_layout, spec, read_by_cam)
     except UnsupportedOpError as err:
         after = _node_output(graph, err.node_name)
         later = layers.downstream_candidates(graph, info, reduction, after)
@@ -205,10 +215,13 @@ def prepare_model(
     nodes, inits = _live(b.nodes, b.initializers, set(outs.tensors))
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
-    if target == "class":
+    if target == "class" and class_input == "optional":
         graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_input))
         graph.input.append(helper.make_tensor_value_info(target_input, TensorProto.INT64, ["gradcam_classes"]))
-    else:
+    elif target == "class" and class_input == "required":  # one per sample: batches as the image does
+        batch_dim = _dim(image_shape[0]) or "gradcam_classes"
+        graph.input.append(helper.make_tensor_value_info(target_input, TensorProto.INT64, [batch_dim]))
+    elif target == "seed":
         seed_dims = [_dim(image_shape[0]), *[_dim(d) for d in rshape[1:]]]
         graph.input.append(helper.make_tensor_value_info(target_input, info.dtype(reduction), seed_dims))
     known = {vi.name for vi in [*graph.input, *graph.output, *graph.value_info]}
@@ -232,6 +245,8 @@ def prepare_model(
         "guided": json.dumps(guided),
         "target": target,
     }
+    if target == "class":
+        meta["class_input"] = class_input
     if preprocess is not None:
         meta["preprocess"] = preprocess.to_json()
     if upgraded_from is not None:
@@ -255,6 +270,16 @@ def prepare_model(
         layouts[features[0]].label,
     )
     return work, report
+
+
+def _check_class_input(class_input: str, target: str) -> None:
+    if class_input not in CLASS_INPUTS:
+        raise BadInputError(f"unknown class input {class_input!r}: to fix this, use one of {', '.join(CLASS_INPUTS)}")
+    if target != "class" and class_input != "optional":
+        raise BadInputError(
+            f"--class-input {class_input} applies to class targets, but this model is prepared with --target "
+            f"{target} (its gradcam_seed input is always required): to fix this, leave out --class-input"
+        )
 
 
 def _feature_layouts(
