@@ -205,9 +205,10 @@ def export_triton(
     meta = read_metadata(proto)
     if "method" in meta:
         form = class_input_form(proto, meta)
-        if class_input is not None and form and class_input != form:
+        if class_input is not None and class_input != form:
+            given = f"--class-input {form}" if form else "--target seed (it takes gradcam_seed)"
             raise BadInputError(
-                f"{str(src)!r} is already prepared with --class-input {form}, not {class_input}: to fix this, give "
+                f"{str(src)!r} is already prepared with {given}, not --class-input {class_input}: to fix this, give "
                 f"export-triton the plain model, or leave out --class-input"
             )
         prepared = proto

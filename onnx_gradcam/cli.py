@@ -228,7 +228,8 @@ Examples:
     "--class-input",
     type=click.Choice(list(CLASS_INPUTS)),
     help="For a plain MODEL, how the prepared model takes gradcam_class (see `prepare --help`). Default: 'required' "
-    "when --max-batch > 0 (Triton refuses optional inputs on batching models), else 'optional'.",
+    "when --max-batch > 0 (Triton refuses optional inputs on batching models), else 'optional'. A prepared MODEL "
+    "keeps its own form (given another, an error).",
 )
 @click.option(
     "--labels",
