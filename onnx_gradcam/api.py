@@ -197,6 +197,10 @@ def export_triton(
     if class_input is not None and class_input not in CLASS_INPUTS:
         raise BadInputError(f"unknown class input {class_input!r}: to fix this, use one of {', '.join(CLASS_INPUTS)}")
     folder = Path(repository) / name
+    if folder.parent.exists() and not folder.parent.is_dir():
+        raise BadInputError(
+            f"{str(folder.parent)!r} is a file, not a folder: to fix this, give a model repository folder"
+        )
     if folder.exists():
         raise BadInputError(
             f"{str(folder)!r} already exists: to fix this, remove it, or choose another --name or repository"
