@@ -117,7 +117,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, also from the header
+        raise ServeError(413, f"the image has too many pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ServeError(
             400, f"the upload is not a readable image ({exc}): to fix this, send JPEG, PNG, BMP, WebP or TIFF"
         ) from None
