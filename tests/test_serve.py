@@ -296,6 +296,19 @@ def test_errors_are_json_with_their_status(server: LiveServer, client, offline: 
     assert "not a readable image" in _error(server, 400, "POST", "/v2/models/demo/explain", b"not an image")
     assert "unknown colormap" in _error(server, 400, "POST", "/v2/models/demo/explain?colormap=nope", STAR.read_bytes())
     assert "not in the labels" in _error(server, 400, "POST", "/v2/models/demo/explain?class=dog", STAR.read_bytes())
+    assert "was not prepared" in _error(
+        server, 400, "POST", "/v2/models/demo/explain?method=hirescam", STAR.read_bytes()
+    )
+    assert "unknown option" in _error(server, 400, "POST", "/v2/models/demo/explain?klass=1", STAR.read_bytes())
+    assert "out of range" in _error(server, 400, "POST", "/v2/models/demo/explain?class=9", STAR.read_bytes())
+    assert "no file field" in _error(
+        server,
+        400,
+        "POST",
+        "/v2/models/demo/explain",
+        *_multipart({"class": "1"}, {"picture": STAR.read_bytes()})[:1],
+        Content_Type=_multipart({}, {})[1],
+    )
     _still_serves(server, offline)
 
 
@@ -558,3 +571,103 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path: Path, offline: Explain
     # uvicorn re-raises the signal it caught once it has shut down, so the exit says 'terminated'
     assert code in (0, -signal.SIGTERM)
     assert "Finished server process" in err
+
+
+# -- loading, readiness, failures -------------------------------------------------------------------
+
+
+def test_a_folder_serves_every_model_plain_ones_prepared_at_start(tmp_path: Path, offline: Explainer) -> None:
+    from onnx_gradcam import BadInputError, prepare
+    from onnx_gradcam.serve.models import load_models as load
+
+    shutil.copy(DEMO, tmp_path / "plain.onnx")
+    prepare(DEMO, tmp_path / "ready.gradcam.onnx")
+    (tmp_path / "notes.txt").write_text("not a model")
+    models = load([tmp_path], device="cpu")
+    assert sorted(models) == ["plain", "ready.gradcam"]
+    assert models["plain"].explainer.prepared_in_memory and not models["ready.gradcam"].explainer.prepared_in_memory
+    x = _batch(2, seed=5)
+    for m in models.values():
+        np.testing.assert_array_equal(m.explainer.explain(x, [1, 3]).maps, offline.explain(x, [1, 3]).maps)
+    with pytest.raises(BadInputError, match="two models are named 'plain'"):
+        load([tmp_path / "plain.onnx", tmp_path], device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="holds no .onnx"):
+        load([tmp_path / "empty"], device="cpu")
+
+
+def test_not_ready_answers_503(server: LiveServer) -> None:
+    state = server.app.state.serve
+    state.ready = False
+    try:
+        status, _, content = server.request("GET", "/v2/health/ready")
+        assert status == 503 and json.loads(content) == {"ready": False}
+        assert "not ready" in _error(server, 503, "GET", "/v2/models/demo/ready")
+        assert "not ready" in _error(server, 503, "POST", "/v1/models/demo:explain", STAR.read_bytes())
+    finally:
+        state.ready = True
+    status, _, _ = server.request("GET", "/v2/models/demo/ready")
+    assert status == 200
+
+
+def test_failed_inference_answers_500_and_the_server_stays_up(offline: Explainer) -> None:
+    from onnx_gradcam.errors import OnnxGradCamError
+
+    with live_server() as s:
+        real = s.batcher.run
+        for exc in (OnnxGradCamError("the kernel failed"), RuntimeError("out of memory")):
+
+            def broken(feeds, exc=exc):  # type: ignore[no-untyped-def]
+                raise exc
+
+            s.batcher.run = broken
+            message = _error(s, 500, "POST", "/v1/models/demo:explain", STAR.read_bytes())
+            assert "inference failed" in message and str(exc) in message
+        s.batcher.run = real
+        _still_serves(s, offline)
+
+
+def test_batcher_isolates_a_failing_request() -> None:
+    """Three requests in one window: the batch with a poisoned row fails, so each runs alone; only the
+    poisoned one gets the error, the others their own rows."""
+    import asyncio
+
+    from onnx_gradcam.serve.batcher import Batcher
+
+    calls: list[int] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = feeds["x"]
+        calls.append(len(x))
+        if np.any(x < 0):
+            raise ValueError("poisoned")
+        return {"y": x * 2.0}
+
+    async def main() -> list[object]:
+        b = Batcher(run, max_batch=8, max_delay_ms=100)
+        b.start()
+        jobs = [b.submit({"x": np.array([[1.0], [2.0]])}), b.submit({"x": np.array([[-1.0]])})]
+        jobs.append(b.submit({"x": np.array([[3.0]])}))
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        await b.stop()
+        return out
+
+    first, second, third = asyncio.run(main())
+    assert calls == [4, 2, 1, 1]  # one batched run, then each request alone
+    np.testing.assert_array_equal(first["y"], [[2.0], [4.0]])  # type: ignore[index]
+    assert isinstance(second, ValueError)
+    np.testing.assert_array_equal(third["y"], [[6.0]])  # type: ignore[index]
+
+
+def test_readme_python_example_runs(server: LiveServer, offline: Explainer) -> None:
+    section = (ROOT / "README.md").read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("127.0.0.1:8000", server.url), "README.md", "exec"), scope)  # noqa: S102
+    want = offline.explain(np.zeros((2, 3, 96, 96), np.float32), [3, -1])
+    np.testing.assert_array_equal(scope["maps"], want.maps)  # type: ignore[arg-type]
+
+
+def test_root_names_the_models_until_the_web_page_takes_it(server: LiveServer) -> None:
+    status, _, content = server.request("GET", "/")
+    assert status == 200 and json.loads(content)["models"] == ["demo"]

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from .._version import __version__
 from ..errors import BadInputError, OnnxGradCamError
@@ -321,8 +321,13 @@ async def _internal(request: Request, exc: Exception) -> Response:
     return _error(500, f"inference failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
-def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None) -> Starlette:
-    """The ASGI app serving `models` (from load_models). Its lifespan starts one batcher per model."""
+def create_app(
+    models: dict[str, ServedModel], config: ServeConfig | None = None, extra_routes: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The ASGI app serving `models` (from load_models). Its lifespan starts one batcher per model.
+
+    `extra_routes` come first, so they may take over a path: the web page for people mounts at `/`.
+    """
     state = _State(models, config or ServeConfig())
 
     @asynccontextmanager
@@ -338,6 +343,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
                 await b.stop()
 
     routes = [
+        *extra_routes,
         Route("/", root),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
