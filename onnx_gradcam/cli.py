@@ -820,7 +820,7 @@ def serve_cmd(
     Needs the serve extra: pip install 'onnx-gradcam[serve]'.
     """
     try:
-        from .serve import ServeConfig, run
+        from .serve import ServeConfig, load_models, run
     except ImportError as exc:
         raise _Failure(
             f"serving needs the serve extra ({exc}): to fix this, pip install 'onnx-gradcam[serve]'"
@@ -833,9 +833,19 @@ def serve_cmd(
         timeout_s=timeout_s,
     )
     try:
-        run(models, host, port, config, device=device, threads=threads, verify=not no_verify)
+        served = load_models(models, device=device, threads=threads, verify=not no_verify)
     except OnnxGradCamError as err:
         raise _fail(err) from None
+    notes = {m.explainer.session_info.note for m in served.values()} - {""}
+    for note in sorted(notes):
+        click.echo(note, err=True)
+    for name, m in served.items():
+        how = "prepared at start-up" if m.explainer.prepared_in_memory else "prepared"
+        click.echo(
+            f"serving {name} ({m.path}, {how}; feature layer {m.explainer.feature_layer}; {m.explainer.provider})",
+            err=True,
+        )
+    run(served, host, port, config)
 
 
 if __name__ == "__main__":

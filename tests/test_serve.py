@@ -37,6 +37,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from onnx_gradcam import Explainer  # noqa: E402
 from onnx_gradcam.cli import main  # noqa: E402
+from onnx_gradcam.explain.images import load_image  # noqa: E402
+from onnx_gradcam.explain.overlay import overlay  # noqa: E402
 from onnx_gradcam.serve import ServeConfig, create_app, load_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,9 +365,6 @@ def test_explain_options_class_by_label_and_index(server: LiveServer, offline: E
         assert np.float32(got["score"]) == want.scores[0]
         assert np.float32(got["probability"]) == want.probabilities[0, 2]  # type: ignore[index]
         assert "map" not in got and "raw_map" not in got
-        from onnx_gradcam.explain.images import load_image
-        from onnx_gradcam.explain.overlay import overlay
-
         want_png = overlay(load_image(STAR), want.maps[0], "turbo", 0.3)
         np.testing.assert_array_equal(
             np.asarray(Image.open(io.BytesIO(base64.b64decode(got["overlay_png"])))), np.asarray(want_png)
@@ -570,7 +569,7 @@ def test_sigterm_finishes_the_request_in_flight(tmp_path: Path, offline: Explain
     assert answer["body"]["class"] == int(offline.explain([STAR]).targets[0])  # type: ignore[index]
     # uvicorn re-raises the signal it caught once it has shut down, so the exit says 'terminated'
     assert code in (0, -signal.SIGTERM)
-    assert "Finished server process" in err
+    assert "Finished server process" in err and "serving demo (" in err and "prepared at start-up" in err
 
 
 # -- loading, readiness, failures -------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from ..errors import BadInputError, OnnxGradCamError
 from ..explain.images import load_image
 from ..explain.overlay import COLORMAPS, overlay
 from .batcher import Batcher
-from .models import ServedModel, load_models
+from .models import ServedModel
 from .tensors import decode_request, encode_response
 
 EXTENSIONS = ["binary_tensor_data", "model_repository(read-only)", "explain"]
@@ -372,20 +371,16 @@ def create_app(
 
 
 def run(
-    paths: Sequence[str | os.PathLike[str]],
+    models: dict[str, ServedModel],
     host: str = "127.0.0.1",
     port: int = 8000,
     config: ServeConfig | None = None,
-    device: str = "auto",
-    threads: int | None = None,
-    verify: bool = True,
     log_level: str = "info",
 ) -> None:
-    """Load the models and serve them until SIGINT or SIGTERM (in-flight requests finish first)."""
+    """Serve loaded models (see load_models) until SIGINT or SIGTERM; in-flight requests finish first."""
     import uvicorn
 
-    app = create_app(load_models(paths, device=device, threads=threads, verify=verify), config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    uvicorn.run(create_app(models, config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
 
 
 __all__ = ["ServeConfig", "ServeError", "create_app", "decode_image", "run"]
