@@ -281,6 +281,8 @@ def test_errors_are_json_with_their_status(server: LiveServer, client, offline: 
     assert "unknown model" in _error(server, 404, "POST", "/v2/models/nope/infer", b"{}")
     assert "unknown model" in _error(server, 404, "POST", "/v1/models/nope:explain", STAR.read_bytes())
     _error(server, 404, "GET", "/v3/nothing")
+    assert "no version '2'" in _error(server, 404, "GET", "/v2/models/demo/versions/2")
+    assert client.get_model_metadata("demo", model_version="1")["name"] == "demo"
     assert "not JSON" in _error(server, 400, "POST", "/v2/models/demo/infer", b"{not json")
     good = {"name": "input", "shape": [1, 3, 96, 96], "datatype": "FP32", "data": [0.0] * (3 * 96 * 96)}
     bad_cases = {

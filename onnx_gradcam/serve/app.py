@@ -67,9 +67,11 @@ class _State:
         self.ready = False
         self.batchers = {name: Batcher(_runner(m), config.max_batch, config.max_delay_ms) for name, m in models.items()}
 
-    def model(self, name: str) -> ServedModel:
+    def model(self, name: str, version: str | None = None) -> ServedModel:
         if name not in self.models:
             raise ServeError(404, f"unknown model {name!r}: this server has {', '.join(self.models) or 'no models'}")
+        if version not in (None, "1"):
+            raise ServeError(404, f"model {name!r} has no version {version!r}: this server has version 1 only")
         if not self.ready:
             raise ServeError(503, f"model {name!r} is not ready: the server is starting or stopping")
         return self.models[name]
@@ -153,20 +155,20 @@ async def server_metadata(request: Request) -> Response:
 
 async def model_metadata(request: Request) -> Response:
     st: _State = request.app.state.serve
-    return JSONResponse(st.model(request.path_params["name"]).metadata())
+    return JSONResponse(st.model(request.path_params["name"], request.path_params.get("version")).metadata())
 
 
 async def model_ready(request: Request) -> Response:
     st: _State = request.app.state.serve
     name = request.path_params["name"]
-    st.model(name)  # 404 or 503
+    st.model(name, request.path_params.get("version"))  # 404 or 503
     return JSONResponse({"name": name, "ready": True})
 
 
 async def infer(request: Request) -> Response:
     st: _State = request.app.state.serve
     name = request.path_params["name"]
-    model = st.model(name)
+    model = st.model(name, request.path_params.get("version"))
     body = await _body(request, st.config.max_body_bytes)
     req = decode_request(body, request.headers.get("inference-header-content-length"))
     feeds = model.checked_feeds(req.tensors, st.config.max_batch)
