@@ -1,4 +1,4 @@
-"""The `onnx-gradcam` command: prepare, layers, explain. The only module that imports click."""
+"""The `onnx-gradcam` command: prepare, layers, explain, serve. The only module that imports click."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main() -> None:
     2. `explain` runs a model (prepared or not) on images and writes heat-map overlays.
     3. `layers` lists the feature maps Grad-CAM can use.
     4. `export-triton` writes a Triton model folder (config.pbtxt, model, labels).
+    5. `serve` answers inference and explain requests over HTTP (the serve extra).
 
     \b
     Example:
@@ -832,6 +833,116 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError:
         raise _Failure(f"{flag} {text!r} is not a list of numbers: to fix this, write e.g. 0.5,0.5,0.5") from None
+
+
+EXAMPLES_SERVE = """
+\b
+Examples:
+  onnx-gradcam serve models/demo.onnx                     # http://127.0.0.1:8000/v2/models/demo
+  onnx-gradcam serve models/ --host 0.0.0.0 --port 8080 --max-batch 16 --max-delay-ms 2
+  curl -s -F image=@models/samples/star.png http://127.0.0.1:8000/v2/models/demo/explain
+"""
+
+
+@main.command("serve", epilog=EXAMPLES_SERVE)
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 4096),
+    default=8,
+    show_default=True,
+    help="Most samples per request and per onnxruntime run.",
+)
+@click.option(
+    "--max-delay-ms",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    help="How long a request waits for others to share its run.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(0, min_open=True),
+    default=32.0,
+    show_default=True,
+    help="Largest request body.",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=40_000_000,
+    show_default=True,
+    help="Largest image (width x height), refused before it is decoded.",
+)
+@click.option(
+    "--timeout-s",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Longest a request may take, queueing included (then 504).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when onnxruntime can load it, else the CPU.",
+)
+@click.option(
+    "--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads per model (default: all cores)."
+)
+@click.option("--no-verify", is_flag=True, help="Plain models are prepared at start-up: skip prepare's self-check.")
+def serve_cmd(
+    models: tuple[Path, ...],
+    host: str,
+    port: int,
+    max_batch: int,
+    max_delay_ms: float,
+    max_body_mb: float,
+    max_pixels: int,
+    timeout_s: float,
+    device: str,
+    threads: int | None,
+    no_verify: bool,
+) -> None:
+    """Serve MODELS (prepared or plain .onnx files, or folders of them) over HTTP.
+
+    It speaks the Open Inference Protocol (KServe V2 REST, as Triton does, binary tensors
+    included: tritonclient.http works unmodified) at /v2, and explains images at
+    POST /v2/models/NAME/explain and POST /v1/models/NAME:explain. A model's NAME is its file
+    stem. Requests arriving within --max-delay-ms share one onnxruntime run, each sample with its
+    own class. SIGTERM or Ctrl-C: in-flight requests finish, then the server exits.
+    Needs the serve extra: pip install 'onnx-gradcam[serve]'.
+    """
+    try:
+        from .serve import ServeConfig, load_models, run
+    except ImportError as exc:
+        raise _Failure(
+            f"serving needs the serve extra ({exc}): to fix this, pip install 'onnx-gradcam[serve]'"
+        ) from None
+    config = ServeConfig(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        max_pixels=max_pixels,
+        timeout_s=timeout_s,
+    )
+    try:
+        served = load_models(models, device=device, threads=threads, verify=not no_verify)
+    except OnnxGradCamError as err:
+        raise _fail(err) from None
+    notes = {m.explainer.session_info.note for m in served.values()} - {""}
+    for note in sorted(notes):
+        click.echo(note, err=True)
+    for name, m in served.items():
+        how = "prepared at start-up" if m.explainer.prepared_in_memory else "prepared"
+        click.echo(
+            f"serving {name} ({m.path}, {how}; feature layer {m.explainer.feature_layer}; {m.explainer.provider})",
+            err=True,
+        )
+    run(served, host, port, config)
 
 
 if __name__ == "__main__":

@@ -238,20 +238,7 @@ class Explainer:
         """
         x = self._checked_array(inputs if isinstance(inputs, np.ndarray) else self.to_tensor(inputs))
         n = len(x)
-        method = method or self.methods[0]
-        if method not in self.methods:
-            raise BadInputError(
-                f"method {method!r} was not prepared (this model has {', '.join(self.methods)}): "
-                f"to fix this, prepare it with --method {method}"
-            )
-        map_name = "gradcam_map" if method == self.methods[0] else f"gradcam_map_{method}"
-        raw_name = "gradcam_raw" if method == self.methods[0] else f"gradcam_raw_{method}"
-        classes = self._classes(target, n)
-        if self.num_classes is not None and classes.size and int(classes.max()) >= self.num_classes:
-            raise BadInputError(
-                f"class {int(classes.max())} is out of range: the model has {self.num_classes} "
-                f"classes (0..{self.num_classes - 1})"
-            )
+        method = self.checked_method(method)
         is_seed = self.metadata.get("target", "class") == "seed"
         if self.class_input == "none" and classes.size and int(classes.max()) >= 0:
             raise BadInputError(
@@ -263,6 +250,7 @@ class Explainer:
             raise BadInputError(
                 "this model was prepared with --target seed: to fix this, pass seed=... (see onnx_gradcam.seeds)"
             )
+        classes = self.class_feed(target, n)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, n, self.batch_size):
             feeds: dict[str, np.ndarray] = {self.input.name: x[start : start + self.batch_size]}
@@ -273,6 +261,34 @@ class Explainer:
             values = run_session(self.session, feeds)
             parts.append(dict(zip(self.output_names, values)))
         got = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self.collect(got, method)
+
+    def checked_method(self, method: str | None) -> str:
+        """The method to draw: one of the prepared ones (None: the first)."""
+        method = method or self.methods[0]
+        if method not in self.methods:
+            raise BadInputError(
+                f"method {method!r} was not prepared (this model has {', '.join(self.methods)}): "
+                f"to fix this, prepare it with --method {method}"
+            )
+        return method
+
+    def class_feed(self, target: Target, n: int) -> np.ndarray:
+        """The `gradcam_class` input [n] for a target (-1: top-1), after checking its range."""
+        classes = self._classes(target, n)
+        if self.num_classes is not None and classes.size and int(classes.max()) >= self.num_classes:
+            raise BadInputError(
+                f"class {int(classes.max())} is out of range: the model has {self.num_classes} "
+                f"classes (0..{self.num_classes - 1})"
+            )
+        return classes
+
+    def collect(self, got: dict[str, np.ndarray], method: str) -> ExplainResult:
+        """The result of one run: `got` maps the session's output names to their values [n, ...]."""
+        map_name = "gradcam_map" if method == self.methods[0] else f"gradcam_map_{method}"
+        raw_name = "gradcam_raw" if method == self.methods[0] else f"gradcam_raw_{method}"
+        is_seed = self.metadata.get("target", "class") == "seed"
+        n = len(got[map_name])
         logits = got.get(self.reduction) if not is_seed else None
         probs = _softmax(logits) if logits is not None and logits.ndim == 2 else None
         extra = {k: v for k, v in got.items() if k.startswith("gradcam_") and k not in (map_name, raw_name)}
