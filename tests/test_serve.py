@@ -50,8 +50,8 @@ STAR = ROOT / "models" / "samples" / "star.png"
 class LiveServer:
     """The app under uvicorn in a background thread, on a port the OS picked."""
 
-    def __init__(self, config: ServeConfig) -> None:
-        self.app = create_app(load_models([DEMO], device="cpu"), config)
+    def __init__(self, config: ServeConfig, paths: list[Path] | None = None) -> None:
+        self.app = create_app(load_models(paths or [DEMO], device="cpu"), config)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -672,3 +672,44 @@ def test_readme_python_example_runs(server: LiveServer, offline: Explainer) -> N
 def test_root_names_the_models_until_the_web_page_takes_it(server: LiveServer) -> None:
     status, _, content = server.request("GET", "/")
     assert status == 200 and json.loads(content)["models"] == ["demo"]
+
+
+def test_class_input_forms_serve_like_the_default(tmp_path: Path, offline: Explainer) -> None:
+    """Models prepared with --class-input required (a plain graph input) and none (top-1 only)
+    answer infer and explain as the default form does; a class asked of a `none` model is a 400."""
+    from onnx_gradcam import prepare
+
+    paths = []
+    for form in ("required", "none"):
+        paths.append(tmp_path / f"demo_{form}.onnx")
+        prepare(DEMO, paths[-1], class_input=form)
+    x = _batch(2, seed=9)
+    top1 = offline.explain(x)
+    with _serving(paths) as srv:
+        c = httpclient.InferenceServerClient(srv.url)
+        for form in ("required", "none"):
+            inputs = [httpclient.InferInput("input", list(x.shape), "FP32")]
+            inputs[0].set_data_from_numpy(x)
+            if form == "required":
+                inputs.append(httpclient.InferInput("gradcam_class", [2], "INT64"))
+                inputs[1].set_data_from_numpy(np.array([-1, 3], np.int64))
+            got = c.infer(f"demo_{form}", inputs)
+            expected = offline.explain(x, [top1.targets[0], 3]) if form == "required" else top1
+            np.testing.assert_array_equal(got.as_numpy("gradcam_map"), expected.maps)
+            np.testing.assert_array_equal(got.as_numpy("gradcam_target"), expected.targets)
+        c.close()
+        for form in ("required", "none"):
+            status, _, content = srv.request("POST", f"/v2/models/demo_{form}/explain", STAR.read_bytes())
+            assert status == 200, content
+            assert json.loads(content)["class"] == int(offline.explain([STAR]).targets[0])
+        message = _error(srv, 400, "POST", "/v2/models/demo_none/explain?class=1", STAR.read_bytes())
+        assert "--class-input none" in message
+
+
+@contextmanager
+def _serving(paths: list[Path]) -> Iterator[LiveServer]:
+    server = LiveServer(ServeConfig(max_delay_ms=5), paths)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -240,12 +240,6 @@ class Explainer:
         n = len(x)
         method = self.checked_method(method)
         is_seed = self.metadata.get("target", "class") == "seed"
-        if self.class_input == "none" and classes.size and int(classes.max()) >= 0:
-            raise BadInputError(
-                f"class {int(classes.max())} was asked for, but this model was prepared with --class-input none and "
-                "explains only its top-1 class: to fix this, leave out the class, or prepare the model with "
-                "--class-input optional (or required)"
-            )
         if is_seed and seed is None:
             raise BadInputError(
                 "this model was prepared with --target seed: to fix this, pass seed=... (see onnx_gradcam.seeds)"
@@ -276,6 +270,12 @@ class Explainer:
     def class_feed(self, target: Target, n: int) -> np.ndarray:
         """The `gradcam_class` input [n] for a target (-1: top-1), after checking its range."""
         classes = self._classes(target, n)
+        if self.class_input == "none" and classes.size and int(classes.max()) >= 0:
+            raise BadInputError(
+                f"class {int(classes.max())} was asked for, but this model was prepared with --class-input none and "
+                "explains only its top-1 class: to fix this, leave out the class, or prepare the model with "
+                "--class-input optional (or required)"
+            )
         if self.num_classes is not None and classes.size and int(classes.max()) >= self.num_classes:
             raise BadInputError(
                 f"class {int(classes.max())} is out of range: the model has {self.num_classes} "

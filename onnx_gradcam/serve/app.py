@@ -266,7 +266,10 @@ async def explain(request: Request) -> Response:
     method = exp.checked_method(options.get("method") or None)
     image = decode_image(data, st.config.max_pixels)
     x = exp.to_tensor([image])
-    feeds = {exp.input.name: x, "gradcam_class": exp.class_feed(target, 1)}
+    feeds = {exp.input.name: x}
+    classes = exp.class_feed(target, 1)  # refuses a class where the model was prepared with --class-input none
+    if exp.class_input != "none":
+        feeds["gradcam_class"] = classes
     result = exp.collect(await st.run(name, feeds), method)
     cls = int(result.targets[0])
     png = io.BytesIO()

@@ -131,7 +131,9 @@ class ServedModel:
             feeds[name] = np.ascontiguousarray(value)
         if not self.is_seed:
             classes = feeds.get("gradcam_class", np.full(n, -1, np.int64))
-            feeds["gradcam_class"] = self.explainer.class_feed([int(c) for c in classes], n)
+            classes = self.explainer.class_feed([int(c) for c in classes], n)  # --class-input none: -1 only
+            if self.explainer.class_input != "none":
+                feeds["gradcam_class"] = classes
         return feeds
 
 
