@@ -713,3 +713,42 @@ def _serving(paths: list[Path]) -> Iterator[LiveServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_kserve_rest_client_v2(server: LiveServer, offline: Explainer, binary: bool) -> None:
+    """KServe's own V2 REST client, unmodified: live, ready, and infer (binary tensors and JSON)
+    with and without a class, equal to the offline result bit for bit."""
+    import asyncio
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    x = _batch(2, seed=11)
+    base = f"http://{server.url}"
+
+    async def talk() -> tuple[bool, bool, list, list]:  # type: ignore[type-arg]
+        client = InferenceRESTClient(RESTConfig(protocol="v2"))
+        try:
+            live, ready = await client.is_server_live(base), await client.is_model_ready(base, "demo")
+            answers = []
+            for classes in (None, np.array([3, 0], np.int64)):
+                image = InferInput("input", list(x.shape), "FP32")
+                image.set_data_from_numpy(x, binary_data=binary)
+                inputs = [image]
+                if classes is not None:
+                    cls = InferInput("gradcam_class", [2], "INT64")
+                    cls.set_data_from_numpy(classes, binary_data=binary)
+                    inputs.append(cls)
+                answers.append(await client.infer(base, InferRequest("demo", inputs), model_name="demo"))
+            return live, ready, answers, [None, [3, 0]]
+        finally:
+            await client.close()
+
+    live, ready, answers, targets = asyncio.run(talk())
+    assert live and ready
+    for answer, target in zip(answers, targets):
+        outputs = {o.name: o.as_numpy() for o in answer.outputs}
+        expected = offline.explain(x, target)
+        np.testing.assert_array_equal(outputs["gradcam_map"], expected.maps)
+        np.testing.assert_array_equal(outputs["gradcam_raw"], expected.raw)
+        np.testing.assert_array_equal(outputs["gradcam_target"], expected.targets)
