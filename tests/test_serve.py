@@ -752,3 +752,51 @@ def test_kserve_rest_client_v2(server: LiveServer, offline: Explainer, binary: b
         np.testing.assert_array_equal(outputs["gradcam_map"], expected.maps)
         np.testing.assert_array_equal(outputs["gradcam_raw"], expected.raw)
         np.testing.assert_array_equal(outputs["gradcam_target"], expected.targets)
+
+
+def test_served_sessions_do_not_spin_between_runs(offline: Explainer) -> None:
+    # onnxruntime's intra-op threads busy-wait after each run by default; in the server they took
+    # the cores from the event loop between batches (tools/bench_serve.py, BENCHMARKS.md)
+    key = "session.intra_op.allow_spinning"
+    served = load_models([DEMO], device="cpu")["demo"].explainer.session
+    assert served.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match=key):  # the offline Explainer keeps onnxruntime's default
+        offline.session.get_session_options().get_session_config_entry(key)
+    x = _batch(3, seed=5)
+    feeds = {"input": x, "gradcam_class": np.array([-1, 2, 0], np.int64)}
+    for got, want in zip(served.run(None, feeds), offline.session.run(None, feeds)):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_explain_leaves_the_event_loop_free_while_it_draws(
+    server: LiveServer, offline: Explainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the overlay's drawing and PNG encoding (~20 ms a request for the demo samples) run in a worker
+    # thread: meanwhile other requests are answered (here: while one overlay is made to take 1 s)
+    import onnx_gradcam.serve.app as serve_app
+
+    def slow(*args):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)
+        return overlay(*args)
+
+    monkeypatch.setattr(serve_app, "overlay", slow)
+    answer: list[tuple[int, dict, bytes]] = []  # type: ignore[type-arg]
+    t = threading.Thread(
+        target=lambda: answer.append(server.request("POST", "/v2/models/demo/explain", STAR.read_bytes()))
+    )
+    t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    status, _, _ = server.request("GET", "/v2/health/live")
+    waited = time.monotonic() - start
+    t.join(30)
+    assert status == 200 and waited < 0.5, waited
+    assert answer and answer[0][0] == 200, answer
+    got = json.loads(answer[0][2])
+    want = offline.explain([STAR])
+    assert got["class"] == int(want.targets[0]) and got["score"] == float(want.scores[0])
+    shown = Image.open(io.BytesIO(base64.b64decode(got["overlay_png"])))
+    from onnx_gradcam.explain.images import load_image
+
+    drawn_offline = overlay(load_image(STAR), want.maps[0])
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(drawn_offline))

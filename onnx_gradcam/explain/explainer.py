@@ -144,8 +144,11 @@ class Explainer:
         size: tuple[int, int] | None = None,
         layout: str | None = None,
         verify: bool = True,
+        spin: bool = True,
     ) -> None:
-        """`verify`: a plain model prepared in memory must first pass prepare's self-check."""
+        """`verify`: a plain model prepared in memory must first pass prepare's self-check.
+        `spin=False`: onnxruntime's threads sleep between runs instead of busy-waiting (what a
+        server wants: its event loop needs the cores between batches)."""
         if batch_size < 1:
             raise BadInputError(f"batch size {batch_size} is not positive: to fix this, give 1 or more")
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -167,7 +170,7 @@ class Explainer:
                 copy.CopyFrom(proto)
                 proto = copy
             proto.graph.output.append(_value_info(proto.graph, self.reduction))
-        self.session, self.session_info = create_session(proto.SerializeToString(), device, threads)
+        self.session, self.session_info = create_session(proto.SerializeToString(), device, threads, spin)
         self.class_input = class_input_form(proto, meta)
         self.batch_size = batch_size
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -56,10 +56,14 @@ def _quiet_default_logger() -> Iterator[None]:
 
 
 def create_session(
-    model: bytes | str, device: str = "auto", threads: int | None = None
+    model: bytes | str, device: str = "auto", threads: int | None = None, spin: bool = True
 ) -> tuple[ort.InferenceSession, SessionInfo]:
     """A session on the asked device. 'auto' uses CUDA only when a session really gets it; an
-    explicit 'cuda' that cannot load is an error, never a silent fallback."""
+    explicit 'cuda' that cannot load is an error, never a silent fallback.
+
+    `spin=False`: the intra-op threads sleep between runs instead of busy-waiting for the next one
+    (onnxruntime's default), leaving the cores to other work in the process, such as a server's
+    event loop between batches."""
     if device not in DEVICES:
         raise BadInputError(f"unknown device {device!r}: to fix this, use one of {', '.join(DEVICES)}")
     opts = ort.SessionOptions()
@@ -67,6 +71,8 @@ def create_session(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device in ("auto", "cuda") and cuda_available():
         with _quiet_default_logger():
             sess = _new_session(model, opts, ["CUDAExecutionProvider", "CPUExecutionProvider"])

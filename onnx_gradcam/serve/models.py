@@ -170,7 +170,9 @@ def load_models(
             raise BadInputError(
                 f"two models are named {name!r} ({models[name].path} and {path}): to fix this, rename one"
             )
-        explainer = Explainer(path, device=device, threads=threads, verify=verify)
+        # spin=False: busy-waiting intra-op threads would take the cores from the event loop
+        # between batches (tools/bench_serve.py: 1.4-1.9x the requests/s of the demo model on 2 cores)
+        explainer = Explainer(path, device=device, threads=threads, verify=verify, spin=False)
         found = labels_beside(path)
         if found is not None and explainer.num_classes is not None:
             names = read_labels(found)
