@@ -71,11 +71,65 @@ def test_ci_script_fails_on_failures_and_on_no_tests(tmp_path: Path, pytest_rc: 
     for name, body in (("python3", venv + "\n" + tool), ("python", tool), ("pip", tool)):
         (fake / name).write_text(f"#!/bin/sh\n{body}\n")
         (fake / name).chmod(0o755)
+    _stand_ins(fake, log, {"chromium": 0, "apt-get": 0})  # so this test never installs chromium for real
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "CI": "true"}
     proc = subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, capture_output=True, text=True)
     assert proc.returncode == ci_rc, proc.stderr
     calls = log.read_text().splitlines()
     assert calls[-2:] == ["pip install -e .[test]", "python -m pytest -q"]
+
+
+# -- .ci/run installs chromium for tests/test_webpage.py (webpage's block) ----------------------------
+
+
+def _stand_ins(folder: Path, log: Path, tools: dict[str, int]) -> None:
+    """Scripts in `folder` that log their call and exit with the given code."""
+    for name, rc in tools.items():
+        (folder / name).write_text(f'#!/bin/sh\necho "$(basename "$0") $*" >> {log}\nexit {rc}\n')
+        (folder / name).chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("uid", "present", "want"),
+    [
+        ("0", ["apt-get"], ["apt-get update", "apt-get install -y chromium"]),
+        ("1000", ["apt-get", "sudo"], ["sudo apt-get update", "sudo apt-get install -y chromium"]),
+        ("1000", ["apt-get"], []),  # neither root nor sudo: a warning, and the test fails later with its message
+        ("0", ["apt-get", "chromium"], []),  # already installed
+        ("0", [], []),  # no apt-get: not a Debian-like system
+    ],
+)
+def test_ci_script_installs_chromium_where_absent(
+    tmp_path: Path, uid: str, present: list[str], want: list[str]
+) -> None:
+    # .ci/run on a PATH holding only stand-ins and the few tools it needs, none of them chromium
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    for tool in ("dirname", "rm", "mkdir", "basename"):
+        (fake / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    venv = f'echo "python3 $*" >> {log}; mkdir -p "$3/bin" && : > "$3/bin/activate"'
+    (fake / "python3").write_text(f"#!/bin/sh\n{venv}\n")
+    (fake / "python3").chmod(0o755)
+    _stand_ins(fake, log, {"python": 0, "pip": 0, "apt-get": 0, "chromium": 0})
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "sudo").write_text(f'#!/bin/sh\necho "sudo $*" >> {log}\nexit 0\n')
+    for tool in ("id", "sudo"):
+        (fake / tool).chmod(0o755)
+    for absent in {"apt-get", "chromium", "sudo"} - set(present):
+        (fake / absent).unlink()
+    bash = shutil.which("bash") or "/bin/bash"
+    proc = subprocess.run([bash, str(repo / ".ci" / "run")], env={"PATH": str(fake)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert [c for c in calls if "apt-get" in c] == want
+    assert calls[-2:] == ["pip install -e .[test]", "python -m pytest -q"]  # and the tests still run after it
+    if "apt-get" in present and "chromium" not in present and not want:
+        assert "cannot install it" in proc.stderr
 
 
 def test_the_cli_reference_lists_exactly_the_options() -> None:

@@ -390,10 +390,14 @@ def run(
     config: ServeConfig | None = None,
     log_level: str = "info",
 ) -> None:
-    """Serve loaded models (see load_models) until SIGINT or SIGTERM; in-flight requests finish first."""
+    """Serve loaded models (see load_models), with the web page at `/`, until SIGINT or SIGTERM;
+    in-flight requests finish first."""
     import uvicorn
 
-    uvicorn.run(create_app(models, config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    from .webpage import page_routes
+
+    app = create_app(models, config, extra_routes=page_routes())
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
 
 
 __all__ = ["ServeConfig", "ServeError", "create_app", "decode_image", "run"]
