@@ -800,3 +800,33 @@ def test_explain_leaves_the_event_loop_free_while_it_draws(
 
     drawn_offline = overlay(load_image(STAR), want.maps[0])
     np.testing.assert_array_equal(np.asarray(shown), np.asarray(drawn_offline))
+
+
+def test_statistics_count_samples_and_session_runs(offline: Explainer) -> None:
+    # GET /v2/models/NAME/stats as Triton answers it: tools/bench_serve.py reads the mean batch there
+    with live_server(max_delay_ms=300, max_batch=8) as s:
+        c = httpclient.InferenceServerClient(s.url)
+        first = c.get_inference_statistics("demo")["model_stats"][0]
+        assert (first["name"], first["inference_count"], first["execution_count"]) == ("demo", 0, 0)
+        x = _batch(3, seed=3)
+        got = _infer(c, x, None, binary=True)
+        np.testing.assert_array_equal(got.as_numpy("gradcam_map"), offline.explain(x).maps)
+        barrier = threading.Barrier(4)
+
+        def ask(i: int) -> None:
+            barrier.wait()
+            one = httpclient.InferenceServerClient(s.url)
+            _infer(one, _batch(1, seed=20 + i), None, binary=True)
+            one.close()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = c.get_inference_statistics("demo")["model_stats"][0]
+        assert stats["inference_count"] == 3 + 4
+        assert stats["execution_count"] == s.batcher.batches_run and 2 <= stats["execution_count"] < 5
+        assert "statistics" in c.get_server_metadata()["extensions"]
+        assert _error(s, 404, "GET", "/v2/models/nope/stats")
+        c.close()

@@ -32,7 +32,7 @@ from .batcher import Batcher
 from .models import ServedModel
 from .tensors import decode_request, encode_response
 
-EXTENSIONS = ["binary_tensor_data", "model_repository(read-only)", "explain"]
+EXTENSIONS = ["binary_tensor_data", "model_repository(read-only)", "statistics", "explain"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,17 @@ async def model_ready(request: Request) -> Response:
     name = request.path_params["name"]
     st.model(name, request.path_params.get("version"))  # 404 or 503
     return JSONResponse({"name": name, "ready": True})
+
+
+async def model_stats(request: Request) -> Response:
+    """The statistics extension, as Triton answers it (tritonclient's get_inference_statistics):
+    inference_count counts samples, execution_count session runs (their ratio: the mean batch)."""
+    st: _State = request.app.state.serve
+    name = request.path_params["name"]
+    st.model(name)  # 404 or 503
+    b = st.batchers[name]
+    stats = {"name": name, "version": "1", "inference_count": b.samples_run, "execution_count": b.batches_run}
+    return JSONResponse({"model_stats": [stats]})
 
 
 async def infer(request: Request) -> Response:
@@ -364,6 +375,7 @@ def create_app(
         Route("/v2/models/{name}/versions/{version}", model_metadata),
         Route("/v2/models/{name}/ready", model_ready),
         Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}/stats", model_stats),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/explain", explain, methods=["POST"]),

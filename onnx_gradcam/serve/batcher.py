@@ -45,6 +45,7 @@ class Batcher:
         self.max_delay = max_delay_ms / 1000.0
         self.batches_run = 0  # for tests and logs: how many session runs served how many jobs
         self.jobs_run = 0
+        self.samples_run = 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._held: _Job | None = None  # a job that did not fit the batch being formed
         self._task: asyncio.Task[None] | None = None
@@ -132,6 +133,7 @@ class Batcher:
         must not fail the others)."""
         self.batches_run += 1
         self.jobs_run += len(jobs)
+        self.samples_run += sum(j.n for j in jobs)
         if len(jobs) == 1:
             return [self._run_one(jobs[0].feeds)]
         feeds = {k: np.concatenate([j.feeds[k] for j in jobs]) for k in jobs[0].feeds}
