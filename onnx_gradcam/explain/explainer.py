@@ -170,6 +170,8 @@ class Explainer:
                 copy.CopyFrom(proto)
                 proto = copy
             proto.graph.output.append(_value_info(proto.graph, self.reduction))
+        self.model = proto  # the prepared model this session runs (logits exposed)
+        self.device, self.threads = device, threads
         self.session, self.session_info = create_session(proto.SerializeToString(), device, threads, spin)
         self.class_input = class_input_form(proto, meta)
         self.batch_size = batch_size
