@@ -765,3 +765,24 @@ def test_kserve_rest_client_v2(server: LiveServer, offline: Explainer, binary: b
         np.testing.assert_array_equal(outputs["gradcam_map"], expected.maps)
         np.testing.assert_array_equal(outputs["gradcam_raw"], expected.raw)
         np.testing.assert_array_equal(outputs["gradcam_target"], expected.targets)
+
+
+def test_run_warms_each_model_up_with_its_largest_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` runs one --max-batch batch per model before it listens (onnxruntime's arena then
+    holds the largest batch from the start, so the server's memory does not grow under load)."""
+    from onnx_gradcam.serve import app as app_module
+
+    served = load_models([DEMO], device="cpu")
+    model = served["demo"]
+    calls: list[tuple[str, int, int | None]] = []
+    real = type(model).warm_up
+
+    def spy(self, max_batch: int) -> int | None:  # type: ignore[no-untyped-def]
+        ran = real(self, max_batch)
+        calls.append((self.name, max_batch, ran))
+        return ran
+
+    monkeypatch.setattr(type(model), "warm_up", spy)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(("uvicorn", 0, None)))
+    app_module.run(served, config=ServeConfig(max_batch=5))
+    assert calls == [("demo", 5, 5), ("uvicorn", 0, None)]

@@ -408,6 +408,8 @@ def run(
 
     from .webpage import page_routes
 
+    for model in models.values():
+        model.warm_up((config or ServeConfig()).max_batch)
     app = create_app(models, config, extra_routes=page_routes())
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
 

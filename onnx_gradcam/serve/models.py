@@ -86,6 +86,28 @@ class ServedModel:
             },
         }
 
+    def warm_up(self, max_batch: int) -> int | None:
+        """Run one batch of `max_batch` zero samples, as Triton's `model_warmup` does, so that
+        onnxruntime's arena reaches its largest batch before the first request (the server's memory
+        is then flat from the start: BENCHMARKS.md, serving). Returns the batch run, or None for
+        an input whose size is not fixed (nothing to warm up with)."""
+        spec = self.explainer.input
+        shape = self.explainer.input_shape
+        dims = shape[1:]
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            return None
+        x = np.zeros([max_batch, *dims], spec.numpy_dtype)  # type: ignore[misc]
+        feeds: dict[str, np.ndarray] = {spec.name: x}
+        if self.is_seed:
+            seed = next((t for t in self.inputs if t.name == "gradcam_seed"), None)
+            if seed is None or any(d < 0 for d in seed.shape[1:]):
+                return None
+            feeds["gradcam_seed"] = np.zeros([max_batch, *seed.shape[1:]], np.float32)
+        elif self.explainer.class_input != "none":
+            feeds["gradcam_class"] = np.full(max_batch, -1, np.int64)
+        self.explainer.session.run(None, feeds)
+        return max_batch
+
     def checked_feeds(self, tensors: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
         """The session feeds for a request's tensors, every sample with its class.
 
