@@ -177,16 +177,17 @@ def _card(result: EvaluationResult, i: int, picture: Image.Image) -> str:
     thumb.thumbnail((THUMB, THUMB))
     figures = []
     for r, run in enumerate(result.runs):
-        lines = []
+        rows = []
         for name, m in run.metrics.items():
             per = np.asarray(m.per_image, np.float64)
             if per.shape == (len(result.names),):
                 attrs[f"data-m{r}-{name}"] = "" if not np.isfinite(per[i]) else f"{per[i]:.6g}"
-                lines.append(f"{html.escape(name)} {_fmt(per[i])}")
+                rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{_fmt(per[i])}</td></tr>")
         shown = overlay(thumb, run.maps[i])
+        title = html.escape(_run_title(run))
         figures.append(
-            f"<figure><img alt='{html.escape(_run_title(run))} overlay' src='{data_uri(_image_png(shown))}'>"
-            f"<figcaption><b>{html.escape(_run_title(run))}</b><br>{'<br>'.join(lines)}</figcaption></figure>"
+            f"<figure><img alt='{title} overlay' src='{data_uri(_image_png(shown))}'>"
+            f"<figcaption><b>{title}</b><table>{''.join(rows)}</table></figcaption></figure>"
         )
     truth_text = f" · truth {html.escape(result.label(truth))}" if truth >= 0 else ""
     badge = "<span class='badge'>misclassified</span>" if wrong else ""
@@ -209,7 +210,9 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; } h3 { font-
 .card { border: 2px solid #ccc; border-radius: 6px; padding: 6px; font-size: 0.8em; }
 .card.wrong { border-color: #d62728; }
 .badge { background: #d62728; color: white; border-radius: 3px; padding: 0 4px; }
-.figs { display: flex; gap: 6px; } figure { margin: 4px 0 0 0; } figcaption { max-width: 128px; }
+.figs { display: flex; gap: 8px; } figure { margin: 4px 0 0 0; width: 150px; }
+figcaption { overflow-wrap: anywhere; } figcaption table { border-collapse: collapse; font-size: 0.9em; }
+figcaption td { padding: 0 2px; overflow-wrap: anywhere; } figcaption td.num { white-space: nowrap; }
 table.metrics { border-collapse: collapse; font-size: 0.85em; }
 table.metrics td, table.metrics th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.settings { color: #555; }
