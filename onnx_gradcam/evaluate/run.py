@@ -262,7 +262,8 @@ def read_boxes(source: str | os.PathLike[str] | Mapping[str, object]) -> dict[st
     for name, entry in data.items():
         if not isinstance(entry, Mapping) or ("box" in entry) == ("boxes" in entry):
             raise BadInputError(
-                f'{where}: the entry of {name!r} needs one of "box": [x0, y0, x1, y1] or "boxes": [[...], ...]'
+                f'{where}: the entry of {name!r} has no box: to fix this, give it "box": [x0, y0, x1, y1] '
+                'or "boxes": [[x0, y0, x1, y1], ...] (one of the two)'
             )
         raw = [entry["box"]] if "box" in entry else entry["boxes"]
         if not isinstance(raw, list):
@@ -299,11 +300,15 @@ def _truth(cls: int | str | None, labels: list[str] | None, name: str, k: int | 
                 "FILE (or put labels.txt beside the model), or give class indices"
             )
         if cls not in labels:
-            raise BadInputError(f"the class {cls!r} of {name!r} is not in the labels ({', '.join(labels[:10])})")
+            raise BadInputError(
+                f"the class {cls!r} of {name!r} is not in the labels: to fix this, use one of {', '.join(labels[:10])}"
+            )
         return labels.index(cls)
     index = int(cls)
     if index < 0 or (k is not None and index >= k):
-        raise BadInputError(f"the class {index} of {name!r} is out of range: the model has {k} classes")
+        raise BadInputError(
+            f"the class {index} of {name!r} is out of range: to fix this, give an index below the model's {k} classes"
+        )
     return index
 
 
