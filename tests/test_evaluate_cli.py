@@ -98,7 +98,7 @@ def test_metrics_json_equals_the_metric_functions_called_directly(data: dict, ev
                 continue
             fn = spec.resolve()
             if EXPLAINER in spec.needs:
-                direct: list[MetricResult] = fn(exp, ctx, method=method, **dict(spec.options))
+                direct: list[MetricResult] = fn(exp, ctx, method=method, verify=True, **dict(spec.options))
             else:
                 direct = fn(ctx, maps, **dict(spec.options))
             want.update({m.name: json.loads(json.dumps(m.to_json())) for m in direct})
@@ -227,3 +227,22 @@ def test_the_function_is_the_public_name_and_the_modules_stay_importable() -> No
     assert importlib.import_module("onnx_gradcam.evaluate.base") is base is sys.modules["onnx_gradcam.evaluate.base"]
     for spec in METRICS.values():  # every registered name has its function
         assert callable(spec.resolve())
+
+
+def test_the_readme_command_and_metric_table_are_true(tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    readme = (DEMO.parent.parent / "README.md").read_text()
+    section = readme.split("## Evaluate", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^\| `([a-z-]+)` \|", section, re.M) == list(METRICS)  # one row per registered metric
+    (command,) = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    argv = shlex.split(command.split("&&", 1)[1])
+    assert argv[:2] == ["onnx-gradcam", "evaluate"]
+    argv = [str(DEMO.parent.parent / a) if a.startswith("models/") else a for a in argv[1:]]
+    argv[argv.index("-o") + 1] = str(tmp_path / "eval")
+    res = CliRunner().invoke(main, [*argv, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["metrics"] == list(METRICS) and [r["method"] for r in doc["runs"]] == ["gradcam", "gradcam++"]
+    assert (tmp_path / "eval" / "report.html").stat().st_size > 10_000

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from .run import EvaluationResult, RunResult
 
 THUMB = 128  # px, the longer side of a gallery overlay
+# the values a gallery card shows (every metric's per-image value is still a sort key)
+HEADLINE = (
+    "deletion",
+    "insertion",
+    "average_drop",
+    "road_combined",
+    "road_combined_original",
+    "pointing_game",
+    "energy_pointing_game",
+    "localisation_error",
+    "sanity_cascading",
+)
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
@@ -182,7 +194,8 @@ def _card(result: EvaluationResult, i: int, picture: Image.Image) -> str:
             per = np.asarray(m.per_image, np.float64)
             if per.shape == (len(result.names),):
                 attrs[f"data-m{r}-{name}"] = "" if not np.isfinite(per[i]) else f"{per[i]:.6g}"
-                rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{_fmt(per[i])}</td></tr>")
+                if name in HEADLINE:
+                    rows.append(f"<tr><td>{html.escape(name)}</td><td class='num'>{_fmt(per[i])}</td></tr>")
         shown = overlay(thumb, run.maps[i])
         title = html.escape(_run_title(run))
         figures.append(

@@ -361,7 +361,13 @@ def _explained(explainer: Explainer, ctx: EvalContext, method: str) -> ExplainRe
 
 
 def _score(
-    explainer: Explainer, ctx: EvalContext, method: str, maps: np.ndarray, names: list[str], progress: Progress
+    explainer: Explainer,
+    ctx: EvalContext,
+    method: str,
+    maps: np.ndarray,
+    names: list[str],
+    progress: Progress,
+    verify: bool = True,
 ) -> dict[str, MetricResult]:
     """The metrics `names` of one run; a function that several names share runs once."""
     done: dict[tuple[str, str, tuple[tuple[str, object], ...]], list[MetricResult]] = {}
@@ -373,8 +379,8 @@ def _score(
             progress(f"{method} @ {explainer.feature_layer}: {name}")
             fn = spec.resolve()
             opts = dict(spec.options)
-            if EXPLAINER in spec.needs:
-                done[key] = fn(explainer, ctx, method=method, **opts)
+            if EXPLAINER in spec.needs:  # the sanity check prepares the model again: with the same self-check
+                done[key] = fn(explainer, ctx, method=method, verify=verify, **opts)
             else:
                 done[key] = fn(ctx, maps, **opts)
         for result in done[key]:
@@ -462,7 +468,7 @@ def evaluate(
             explained = _explained(exp, ctx, method)
             versions = explained.versions
             maps = np.asarray(explained.maps, np.float32)
-            runs.append(RunResult(method, layer, maps, _score(exp, ctx, method, maps, chosen, say)))
+            runs.append(RunResult(method, layer, maps, _score(exp, ctx, method, maps, chosen, say, verify)))
     assert ctx is not None
     probabilities = _softmax(ctx.logits)[np.arange(len(ctx.classes)), ctx.classes]
     result = EvaluationResult(
