@@ -131,7 +131,8 @@ def sanity_plot(runs: list[RunResult]) -> bytes | None:
         rho = np.asarray(res.curves.get("spearman", np.zeros((0, 0))), np.float64)
         if rho.ndim != 2 or rho.shape[1] == 0:
             continue
-        blocks = [str(b) for b in res.settings.get("blocks", [])]  # type: ignore[union-attr]
+        named = res.settings.get("blocks", [])
+        blocks = [str(b) for b in named] if isinstance(named, list) else []
         xs = np.arange(rho.shape[1])
         mean, std = np.nanmean(rho, axis=0), np.nanstd(rho, axis=0)
         colour = COLOURS[j % len(COLOURS)]

@@ -277,17 +277,19 @@ def read_boxes(source: str | os.PathLike[str] | Mapping[str, object]) -> dict[st
 
 
 def _checked_box(box: object, name: str, where: str) -> list[float]:
-    ok = isinstance(box, list) and len(box) == 4
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)  # type: ignore[union-attr]
-    if ok:
-        x0, y0, x1, y1 = (float(v) for v in box)  # type: ignore[union-attr]
-        ok = x1 > x0 and y1 > y0 and all(np.isfinite([x0, y0, x1, y1]))
-    if not ok:
+    values: list[float] = []
+    if (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+    ):
+        values = [float(v) for v in box]
+    if not values or not (values[2] > values[0] and values[3] > values[1] and all(np.isfinite(values))):
         raise BadInputError(
             f"{where}: {name!r} has the box {box!r}: to fix this, give [x0, y0, x1, y1] in the image's pixels "
             "with x1 > x0 and y1 > y0"
         )
-    return [float(v) for v in box]  # type: ignore[union-attr]
+    return values
 
 
 def _truth(cls: int | str | None, labels: list[str] | None, name: str, k: int | None) -> int:
