@@ -122,6 +122,9 @@ def test_pointing_game_matches_torchray_rule() -> None:
     r = pointing_game(context(h, w, boxes, list(classes)), maps)[0]
     np.testing.assert_array_equal(r.per_image, want_per)
     assert r.value == pytest.approx(want, abs=1e-12)
+    # TorchRay's own form, masks: the same masks give the same answers
+    r = pointing_game(context(h, w, [[] for _ in boxes], list(classes)), maps, masks=masks)[0]
+    np.testing.assert_array_equal(r.per_image, want_per)
 
 
 # -- energy-based pointing game ----------------------------------------------------------------
@@ -140,6 +143,9 @@ def test_energy_pointing_game_by_hand() -> None:
     # a float box keeps the pixels whose centres it holds: [0.4, 0, 1.6, 1] -> (0, 0) and (0, 1)
     r = energy_pointing_game(context(4, 4, [[[0.4, 0, 1.6, 1]]], [0]), m[:1])[0]
     assert r.value == pytest.approx(4 / 18)
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, 0] = mask[0, 3, 3] = True  # a mask instead of boxes: (3 + 1) / 18
+    assert energy_pointing_game(context(4, 4, [[]], [0]), m[:1], masks=mask)[0].value == pytest.approx(4 / 18)
 
 
 # -- the Grad-CAM paper's localisation ----------------------------------------------------------
@@ -261,6 +267,9 @@ def test_bad_input_one_line() -> None:
     with pytest.raises(BadInputError) as exc:
         pointing_game(context(8, 8, [[[0, 0, 4, 4]]], [0]), m, tolerance=-1)
     one_line(exc)
+    with pytest.raises(BadInputError) as exc:
+        pointing_game(context(8, 8, [[]], [0]), m, masks=np.ones((1, 4, 4), bool))
+    assert "masks have shape" in one_line(exc)
 
 
 # -- Spearman ---------------------------------------------------------------------------------
@@ -316,6 +325,10 @@ def test_demo_cascading_randomisation(demo: tuple[Explainer, EvalContext, np.nda
 
 def test_randomised_keeps_graph_and_scale() -> None:
     source = source_model(Explainer(str(DEMO), device="cpu", threads=1))
+    original = onnx.load(DEMO)  # the forward part of the prepared model is the original model
+    assert [o.name for o in source.graph.output] == [o.name for o in original.graph.output]
+    assert [n.SerializeToString() for n in source.graph.node] == [n.SerializeToString() for n in original.graph.node]
+    assert sorted(t.name for t in source.graph.initializer) == sorted(t.name for t in original.graph.initializer)
     blocks = weight_blocks(source)
     assert blocks[0].initializers == ("17.weight", "17.bias")
     names = set(blocks[1].initializers)
