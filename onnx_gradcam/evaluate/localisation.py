@@ -98,6 +98,24 @@ def box_mask(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     return mask
 
 
+def regions(ctx: EvalContext, metric: str, masks: np.ndarray | None) -> list[np.ndarray | None]:
+    """Per image the object's pixels [H, W] bool (None: no object known, skipped): the given masks
+    (segmentations, [N, H, W] at input size) or else the union of the image's boxes."""
+    n, h, w = len(ctx.pixels), ctx.pixels.shape[2], ctx.pixels.shape[3]
+    if masks is None:
+        return [box_mask(b, h, w) if len(b) else None for b in checked_boxes(ctx, metric)]
+    arr = np.asarray(masks)
+    if arr.shape != (n, h, w) or arr.dtype.kind not in "biuf":
+        raise BadInputError(
+            f"masks have shape {list(arr.shape)} ({arr.dtype}) but the images are {n} x {h} x {w}: to fix this, "
+            "pass boolean object masks [N, H, W] at the input size"
+        )
+    out: list[np.ndarray | None] = [a.astype(bool) if a.any() else None for a in arr]
+    if all(o is None for o in out):
+        raise BadInputError(f"{metric} got masks without any object pixel: to fix this, pass the objects' masks")
+    return out
+
+
 def groups(ctx: EvalContext) -> np.ndarray:
     """The class each image counts for in per-class means: its true class where known, else the class explained."""
     truth = np.asarray(ctx.truth, np.int64)
@@ -116,14 +134,17 @@ def max_point(m: np.ndarray) -> tuple[int, int]:
     return k % m.shape[1], k // m.shape[1]
 
 
-def pointing_game(ctx: EvalContext, maps: np.ndarray, tolerance: float = POINTING_TOLERANCE) -> list[MetricResult]:
+def pointing_game(
+    ctx: EvalContext, maps: np.ndarray, tolerance: float = POINTING_TOLERANCE, masks: np.ndarray | None = None
+) -> list[MetricResult]:
     """Pointing game (Zhang et al., ECCV 2016, "Top-down neural attention by excitation backprop"),
     by TorchRay's rule: a hit when a box pixel lies strictly within `tolerance` px of the map's
     maximum, (r - v)^2 + (c - u)^2 < tolerance^2; the value is the mean over classes of the per-class
     hit rate (hits / (hits + misses)), the overall hit rate in the settings. Images without boxes
-    are skipped (NaN), as TorchRay skips a class it has no box of."""
+    are skipped (NaN), as TorchRay skips a class it has no box of. `masks` [N, H, W] (object
+    segmentations at input size, as TorchRay's COCO masks) replace the boxes where given."""
     m = checked_maps(ctx, maps)
-    boxes = checked_boxes(ctx, "the pointing game")
+    objects = regions(ctx, "the pointing game", masks)
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise BadInputError(
             f"pointing tolerance {tolerance!r} is not a positive number of pixels: to fix this, give 15"
@@ -132,13 +153,13 @@ def pointing_game(ctx: EvalContext, maps: np.ndarray, tolerance: float = POINTIN
     hits = np.full(n, np.nan)
     rows, cols = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
     flat = 0
-    for i in range(n):
-        if not len(boxes[i]):
+    for i, obj in enumerate(objects):
+        if obj is None:
             continue
         u, v = max_point(m[i])
         flat += int(m[i].max() == m[i].min())
         accept = (rows[:, None] - v) ** 2 + (cols[None, :] - u) ** 2 < float(tolerance) ** 2
-        hits[i] = float((box_mask(boxes[i], h, w) & accept).any())
+        hits[i] = float((obj & accept).any())
     cls = groups(ctx)
     per_class = {int(c): float(np.nanmean(hits[(cls == c) & ~np.isnan(hits)])) for c in np.unique(cls[~np.isnan(hits)])}
     value = float(np.mean(list(per_class.values())))
@@ -155,7 +176,7 @@ def pointing_game(ctx: EvalContext, maps: np.ndarray, tolerance: float = POINTIN
                 "resolution": f"model input, {h}x{w}: maps and boxes (scaled to it) at input size, tolerance in "
                 "input pixels, not rescaled (TorchRay resizes the saliency to the original image and counts "
                 "its 15 px there)",
-                "box_pixels": BOX_PIXELS + "; several boxes: their union",
+                "object": "the masks given" if masks is not None else BOX_PIXELS + "; several boxes: their union",
                 "value": "mean over classes of hits / (hits + misses), classes that have images with boxes "
                 "(TorchRay averages over all the dataset's classes, which VOC and COCO all have)",
                 "classes": "true class where known, else the class explained (top-1 on the clean image)",
@@ -169,12 +190,13 @@ def pointing_game(ctx: EvalContext, maps: np.ndarray, tolerance: float = POINTIN
     ]
 
 
-def energy_pointing_game(ctx: EvalContext, maps: np.ndarray) -> list[MetricResult]:
+def energy_pointing_game(ctx: EvalContext, maps: np.ndarray, masks: np.ndarray | None = None) -> list[MetricResult]:
     """Energy-based pointing game (Wang et al., Score-CAM, CVPR-W 2020): the share of the map's mass
     inside the box(es), Σ_box L / Σ L, per image; the value is its mean over images with boxes. A map
-    with no mass (all zero) has no share (NaN, left out of the mean)."""
+    with no mass (all zero) has no share (NaN, left out of the mean). `masks` [N, H, W] replace the
+    boxes where given."""
     m = checked_maps(ctx, maps)
-    boxes = checked_boxes(ctx, "the energy-based pointing game")
+    objects = regions(ctx, "the energy-based pointing game", masks)
     if (m < 0).any():
         raise BadInputError(
             "the energy-based pointing game takes non-negative maps (a share of mass): to fix this, pass the "
@@ -183,14 +205,14 @@ def energy_pointing_game(ctx: EvalContext, maps: np.ndarray) -> list[MetricResul
     n, h, w = m.shape
     share = np.full(n, np.nan)
     empty = 0
-    for i in range(n):
-        if not len(boxes[i]):
+    for i, obj in enumerate(objects):
+        if obj is None:
             continue
         total = m[i].sum()
         if total <= 0:
             empty += 1
             continue
-        share[i] = m[i][box_mask(boxes[i], h, w)].sum() / total
+        share[i] = m[i][obj].sum() / total
     value = float(np.nanmean(share)) if np.isfinite(share).any() else float("nan")
     return [
         MetricResult(
@@ -201,7 +223,7 @@ def energy_pointing_game(ctx: EvalContext, maps: np.ndarray) -> list[MetricResul
                 "reference": "Wang et al. 2020, Score-CAM, section 4.2 (energy-based pointing game)",
                 "share": "sum of the map inside the union of the boxes / sum of the whole map",
                 "map": f"as given (the Explainer's: normalised to [0, 1] per image), at input size {h}x{w}",
-                "box_pixels": BOX_PIXELS + "; several boxes: their union",
+                "object": "the masks given" if masks is not None else BOX_PIXELS + "; several boxes: their union",
                 "value": "mean over images with boxes and a map of positive mass",
                 "maps_without_mass": empty,
                 "unit": "fraction",

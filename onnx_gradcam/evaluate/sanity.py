@@ -120,8 +120,11 @@ def source_model(explainer: Explainer) -> onnx.ModelProto:
     """The un-prepared model inside the Explainer's prepared one: its original outputs only, the
     gradient and CAM nodes pruned (surgery/forward.py), prepare's metadata dropped."""
     proto = explainer.model
-    outputs = [o.name for o in proto.graph.output if not o.name.startswith("gradcam_")]
-    outputs = [o for o in outputs if o != explainer.reduction] or [explainer.reduction]
+    names = [o.name for o in proto.graph.output]
+    # prepare appends the gradcam_* outputs after the original ones, and the Explainer the logits
+    # after those (where they were no output): the original outputs are those before the first gradcam_*
+    first = next((i for i, name in enumerate(names) if name.startswith("gradcam_")), len(names))
+    outputs = names[:first] or [explainer.reduction]
     src = forward_model(proto, outputs)
     keep = [p for p in src.metadata_props if not p.key.startswith(META_PREFIX)]
     del src.metadata_props[:]
