@@ -1,5 +1,11 @@
 """evaluate(): explain a set of images with each method and layer, score the maps with the metrics
-of one registry, and write metrics.json (and report.html) whole or not at all."""
+of one registry, and write metrics.json (and report.html) whole or not at all.
+
+`onnx_gradcam.evaluate` is this function (re-exported in onnx_gradcam/__init__.py, so it shadows the
+subpackage's attribute). The modules stay importable by their paths: `from onnx_gradcam.evaluate.road
+import road`, `from onnx_gradcam.evaluate import base`, importlib; only the attribute chain
+`onnx_gradcam.evaluate.base` (and so `import onnx_gradcam.evaluate.base as b`) reaches the function.
+"""
 
 from __future__ import annotations
 
