@@ -9,6 +9,7 @@ import road`, `from onnx_gradcam.evaluate import base`, importlib; only the attr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -500,7 +501,7 @@ def evaluate(
 
         files["report.html"] = report_html(result, pictures).encode("utf-8")
     written = write_files(Path(out_dir), files)
-    return EvaluationResult(**{**result.__dict__, "files": written})
+    return dataclasses.replace(result, files=written)
 
 
 def _names(images: Sequence[ImageLike], names: Sequence[str] | None) -> list[str]:
