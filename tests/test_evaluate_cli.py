@@ -193,7 +193,9 @@ def test_bad_options_fail_before_any_file(data: dict, tmp_path: Path) -> None:  
         (["--metric", "nope"], 2, "'nope' is not one of"),
         (["--layer", "no/such/tensor", "--metric", "deletion"], 1, "no/such/tensor"),
         ([str(tmp_path / "missing.png")], 1, "no such file"),
+        (["--labels", str(tmp_path / "two.txt")], 1, "the labels list has 2 names but the model has 4 classes"),
     ]
+    (tmp_path / "two.txt").write_text("a\nb\n")
     for extra, code, text in cases:
         res = CliRunner().invoke(main, base + extra)
         assert res.exit_code == code and text in res.stderr, (extra, res.stderr)
@@ -203,7 +205,10 @@ def test_bad_options_fail_before_any_file(data: dict, tmp_path: Path) -> None:  
     assert res.exit_code == 2 and "is a file" in res.stderr
     with pytest.raises(OnnxGradCamError, match="cannot create the output folder"):
         onnx_gradcam.evaluate(DEMO, data["paths"][:1], metrics=["deletion"], out_dir=out.parent / "file" / "sub")
-    assert (out.parent / "file").read_text() == "x" and sorted(p.name for p in out.parent.iterdir()) == ["file"]
+    assert (out.parent / "file").read_text() == "x" and sorted(p.name for p in out.parent.iterdir()) == [
+        "file",
+        "two.txt",
+    ]
 
 
 def test_without_matplotlib_the_report_says_which_extra(

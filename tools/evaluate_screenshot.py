@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -27,8 +28,9 @@ def main() -> None:
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["evaluate", str(ROOT / "models" / "demo.onnx"), str(ROOT / "models" / "samples")]
-        argv += ["--boxes", str(ROOT / "models" / "demo_boxes.json"), "--method", "gradcam", "--method", "gradcam++"]
+        os.chdir(ROOT)  # the report names the model as the command line gave it
+        argv = ["evaluate", "models/demo.onnx", "models/samples", "--boxes", "models/demo_boxes.json"]
+        argv += ["--method", "gradcam", "--method", "gradcam++"]
         argv += ["-o", tmp, "--device", "cpu"]
         try:
             cli.main(argv, standalone_mode=False)

@@ -448,7 +448,7 @@ def evaluate(
         sha = hashlib.sha256(model.SerializeToString()).hexdigest()
     else:
         proto, where, sha = load_model(model), str(model), file_sha256(model)
-    label_list = _labels(labels, model)
+    label_list, beside = _labels(labels, model)
     notes = read_boxes(boxes) if boxes is not None else None
     if notes is not None:
         missing = [n for n in image_names if n not in notes]
@@ -458,10 +458,16 @@ def evaluate(
                 "(keyed by file name), or leave out --boxes"
             )
     say("preparing the model" if "method" not in read_metadata(proto) else "loading the model")
-    found = _explainers(proto, sha, methods, layers, device, threads, batch_size, label_list, verify)
+    found = _explainers(proto, sha, methods, layers, device, threads, batch_size, None, verify)
     k = found[0][1].num_classes
-    if label_list is None and found[0][1].labels is not None:
-        label_list = found[0][1].labels
+    if label_list is not None and k is not None and len(label_list) != k:
+        if beside:  # as `explain`: a labels.txt beside the model that does not fit it is not used
+            label_list = None
+        else:
+            raise BadInputError(
+                f"the labels list has {len(label_list)} names but the model has {k} classes: to fix this, give a "
+                "labels file with one name per class, in class-index order"
+            )
     own_boxes = [notes[n].boxes for n in image_names] if notes is not None else None
     truth = [_truth(notes[n].cls, label_list, n, k) for n in image_names] if notes is not None else None
     has_boxes = own_boxes is not None and any(own_boxes)
@@ -521,15 +527,16 @@ def _names(images: Sequence[ImageLike], names: Sequence[str] | None) -> list[str
     return out
 
 
-def _labels(labels: Sequence[str] | str | os.PathLike[str] | None, model: ModelLike) -> list[str] | None:
+def _labels(labels: Sequence[str] | str | os.PathLike[str] | None, model: ModelLike) -> tuple[list[str] | None, bool]:
+    """(class names, whether they were found beside the model rather than given)."""
     if isinstance(labels, (str, os.PathLike)):
-        return read_labels(labels)
+        return read_labels(labels), False
     if labels is not None:
-        return list(labels)
+        return list(labels), False
     if isinstance(model, onnx.ModelProto):
-        return None
+        return None, False
     found = labels_beside(model)
-    return read_labels(found) if found is not None else None
+    return (read_labels(found), True) if found is not None else (None, False)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
