@@ -53,11 +53,13 @@ def scores_of(ctx: EvalContext, batches: Iterator[tuple[np.ndarray, np.ndarray]]
         if xs:
             i = np.concatenate(idx)
             out.append(class_scores(ctx.scorer.logits(np.concatenate(xs)), ctx.classes[i], score))
-            idx.clear(), xs.clear()
+            idx.clear()
+            xs.clear()
             pending = 0
 
     for i, x in batches:
-        idx.append(np.asarray(i)), xs.append(x)
+        idx.append(np.asarray(i))
+        xs.append(x)
         pending += len(x)
         if pending >= ctx.scorer.batch_size:
             flush()

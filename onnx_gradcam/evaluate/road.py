@@ -31,10 +31,8 @@ def _sparse():  # -> (scipy.sparse, scipy.sparse.linalg)
     try:
         import scipy.sparse
         import scipy.sparse.linalg
-    except ImportError as exc:  # pragma: no cover - scipy comes with the evaluate extra
-        raise OnnxGradCamError(
-            f"ROAD's imputation needs scipy ({exc}): to fix this, pip install 'onnx-gradcam[evaluate]' (or scipy)"
-        ) from None
+    except ImportError as exc:  # pragma: no cover - scipy is not a dependency yet
+        raise OnnxGradCamError(f"ROAD's imputation needs scipy ({exc}): to fix this, pip install scipy") from None
     return scipy.sparse, scipy.sparse.linalg
 
 
@@ -80,8 +78,12 @@ def impute(
         diag[eq] += wt
         known = ~miss[y, x]
         rhs[eq[known]] += wt * img[:, y[known], x[known]].T
-        rows.append(eq[~known]), cols.append(vidx[y[~known], x[~known]]), vals.append(np.full(int((~known).sum()), -wt))
-    rows.append(np.arange(n)), cols.append(np.arange(n)), vals.append(diag)
+        rows.append(eq[~known])
+        cols.append(vidx[y[~known], x[~known]])
+        vals.append(np.full(int((~known).sum()), -wt))
+    rows.append(np.arange(n))
+    cols.append(np.arange(n))
+    vals.append(diag)
     a = sparse.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
     solved = linalg.splu(a, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True}).solve(rhs)
     if noise:
@@ -153,7 +155,9 @@ def road(
         "space": "normalised input" if mode == "normalised" else "[0, 1] pixels, normalised after imputation",
         "percentiles": ps,
         "masks": "MoRF removes map >= its p-th percentile, LeRF removes 1 - map >= its p-th percentile",
-        "imputation": "noisy linear, 8 neighbours (1/6 edge, 1/12 corner), exact sparse solve",
+        "imputation": "noisy linear, 8 neighbours (1/6 edge, 1/12 corner), exact sparse solve (scipy splu)",
+        "modes_differ_by": "the noise's scale only: the noiseless imputation commutes with the per-channel "
+        "normalisation (weights sum to 1)",
         "noise": noise,
         "seed": seed,
         "all_removed": "where a mask removes every pixel (many map values tied at the percentile), the image "
