@@ -15,6 +15,7 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
+from .evaluate.run import EvaluationResult, evaluate  # the function shadows the subpackage's name; see evaluate/run.py
 from .explain.seeds import box_seed, class_seed, output_seed, region_seed
 from .surgery.prepare import PRESETS, PrepareReport, Preprocess
 
@@ -31,6 +32,8 @@ __all__ = [
     "box_seed",
     "output_seed",
     "prepare_model",
+    "evaluate",
+    "EvaluationResult",
     "Preprocess",
     "PrepareReport",
     "PRESETS",

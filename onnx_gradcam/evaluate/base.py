@@ -134,10 +134,14 @@ def make_context(
     ).transpose(0, 3, 1, 2)
     mean = np.asarray(pre.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(pre.std, np.float32).reshape(-1, 1, 1)
+    if boxes is not None and len(boxes) != len(images):
+        raise BadInputError(
+            f"{len(boxes)} box lists for {len(images)} images: to fix this, give one list (maybe empty) per image"
+        )
     scaled: list[list[list[float]]] = []
-    for img, own in zip(images, boxes if boxes is not None else [[] for _ in images]):
+    for i, (img, own) in enumerate(zip(images, boxes if boxes is not None else [[] for _ in images])):
         sx, sy = w / img.width, h / img.height
-        scaled.append([[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in own])
+        scaled.append([[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in _checked_boxes(own, i)])
     scorer = Scorer(explainer, batch_size)
     ctx = EvalContext(pixels, pixels, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), mean, std, pre.bgr, scorer)
     x = ctx.normalise(pixels)
@@ -155,3 +159,20 @@ def make_context(
         boxes=scaled,
         truth=np.asarray(truth if truth is not None else [-1] * len(images), np.int64),
     )
+
+
+def _checked_boxes(own: object, i: int) -> list[list[float]]:
+    """An image's boxes as lists of 4 floats [x0, y0, x1, y1]; a one-line error for anything else
+    (a bare box instead of a list of boxes, a box of 3 numbers, a string)."""
+    fix = "to fix this, give each image a list of boxes [[x0, y0, x1, y1], ...] in its own pixels"
+    if not isinstance(own, (list, tuple, np.ndarray)):
+        raise BadInputError(f"the boxes of image {i} are {own!r}, not a list of boxes: {fix}")
+    out = []
+    for b in own:
+        if isinstance(b, (str, bytes)) or not hasattr(b, "__len__") or len(b) != 4:
+            raise BadInputError(f"box {b!r} of image {i} is not 4 numbers: {fix}")
+        try:
+            out.append([float(v) for v in b])
+        except (TypeError, ValueError):
+            raise BadInputError(f"box {b!r} of image {i} is not 4 numbers: {fix}") from None
+    return out
