@@ -929,7 +929,8 @@ def evaluate_cmd(
     scored by deletion/insertion, Average Drop, confidence change, ROAD, the pointing games, the
     Grad-CAM paper's localisation and the cascading-randomisation sanity check, each with its
     reference's defaults, every choice recorded. Writes metrics.json and a self-contained
-    report.html (the report extra: pip install 'onnx-gradcam[report]'). On any error nothing is written.
+    report.html (pip install 'onnx-gradcam[evaluate]': scipy for ROAD, matplotlib for the report).
+    On any error nothing is written.
     """
     files, problems = collect_inputs(images, IMAGE_SUFFIXES, exclude=output_dir)
     if problems:

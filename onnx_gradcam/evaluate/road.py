@@ -31,8 +31,10 @@ def _sparse():  # -> (scipy.sparse, scipy.sparse.linalg)
     try:
         import scipy.sparse
         import scipy.sparse.linalg
-    except ImportError as exc:  # pragma: no cover - scipy is not a dependency yet
-        raise OnnxGradCamError(f"ROAD's imputation needs scipy ({exc}): to fix this, pip install scipy") from None
+    except ImportError as exc:  # pragma: no cover - scipy comes with the evaluate extra
+        raise OnnxGradCamError(
+            f"ROAD's imputation needs scipy ({exc}): to fix this, pip install 'onnx-gradcam[evaluate]'"
+        ) from None
     return scipy.sparse, scipy.sparse.linalg
 
 
