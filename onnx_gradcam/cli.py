@@ -474,8 +474,10 @@ def explain_cmd(
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
-    Per image it writes an overlay PNG at the image's own size and the map as .npy; one
-    predictions.json lists file, class, label, score, probability, feature layer and method.
+    Per image it writes an overlay (PNG, or --format) at the image's own size and the map as .npy; one
+    predictions.json lists file, class, label, score, probability, feature layer and method, in the
+    inputs' order. Folders run as a pipeline (reading, the model and writing overlap; memory stays flat);
+    predictions.jsonl records each finished input, so an interrupted run continues with --resume.
     An unreadable image is reported and skipped; the exit code is then 1. Any model also takes
     .npy files holding its input itself (one sample, with or without the batch axis). Models of
     1-D signals ([N, C, T] inputs) take .npy or .csv files and get a plot of the signal with its
