@@ -92,6 +92,15 @@ def test_order_and_outputs_do_not_depend_on_threads(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     entries = json.loads(outs[0]["predictions.json"])
     assert [(Path(str(e["file"])).name, e["rank"]) for e in entries] == [(f.name, r) for f in files for r in (1, 2)]
+    # the per-batch steps a worker runs (decoded pictures -> rows and encoded files) give the same bytes
+    from onnx_gradcam.explain.images import load_image
+    from onnx_gradcam.explain.pipeline import decoded_image, explain_and_render
+
+    batch = [decoded_image(exp, str(f), f.stem, load_image(f)) for f in files[:2]]
+    rendered = explain_and_render(exp, batch, Job(top_k=2))
+    assert [e for r in rendered for e in r.entries] == entries[:4]
+    assert all(outs[0][name] == data for r in rendered for name, data in r.files.items())
+    assert len([n for r in rendered for n in r.files]) == 8  # overlay and raw map per input and rank
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ calibrated on random images): the plain int8 model and the prepared int8 model.
 With --folder, the folder measurement of issue 15 instead, in one run: the prepared model's batch-8
 images/s (a fresh process, as (b)) against the whole `explain` command on --images JPEGs of 500x375,
 for this checkout's CLI (png and jpg) and, with --before-src, the CLI of another checkout (its png);
-peak RSS of each command (wait4's ru_maxrss), and of this CLI on --rss-images with mobilenet_v3_large, jpg.
+peak RSS of each command (its VmHWM, read while it runs), and of this CLI on --rss-images with mobilenet_v3_large, jpg.
 """
 
 from __future__ import annotations
@@ -402,13 +402,23 @@ def _cli_run(src: Path, model: Path, images: Path, out: Path, threads: int, extr
     n = len(list(images.glob("*.jpg")))
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    # VmHWM of the command itself, read while it runs (ru_maxrss would count the fork of this process)
+    hwm = 0
+    status_file = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            hwm = max(
+                [hwm] + [int(x.split()[1]) for x in status_file.read_text().splitlines() if x.startswith("VmHWM:")]
+            )
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
     seconds = time.perf_counter() - t
     err = proc.stderr.read().decode() if proc.stderr else ""
-    if status != 0:
+    if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {err[-500:]}")
     shutil.rmtree(out, ignore_errors=True)
-    return {"ips": n / seconds, "rss_mb": usage.ru_maxrss / 1024.0}
+    return {"ips": n / seconds, "rss_mb": hwm / 1024.0}
 
 
 def folder_table(args: argparse.Namespace) -> None:
@@ -428,20 +438,26 @@ def folder_table(args: argparse.Namespace) -> None:
             _prepare_in_subprocess(model, args.workdir)
         prepared = args.workdir / f"{model}.gradcam.onnx"
         worker_args = ["--worker", "b", model, "8", "--threads", str(args.threads), "--runs", str(args.runs)]
-        timing = _spawn([*worker_args, "--workdir", str(args.workdir)])
-        model_ips = 8 / (timing["median"] / 1000)
+        model_runs = [8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000)]
         out = args.workdir / "folder-out"
         runs = {}
         if args.before_src is not None:
             runs["before png"] = _cli_run(args.before_src, prepared, images, out, args.threads, [])
         runs["after png"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "png"])
         runs["after jpg"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "jpg"])
+        # the model again after the commands: on a shared machine the load drifts; the mean of both is the reference
+        model_runs.append(8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000))
+        model_ips = statistics.mean(model_runs)
         for name, r in runs.items():
             print(
                 f"{model} {name}: {r['ips']:.1f} images/s (model {model_ips:.1f}), {r['rss_mb']:.0f} MB",
                 file=sys.stderr,
             )
         rows.append((model, model_ips, runs))
+        print(
+            f"{model}: model batch 8 before/after the commands {model_runs[0]:.1f} / {model_runs[1]:.1f}",
+            file=sys.stderr,
+        )
     rss = {}
     if args.rss_images:
         cheap = args.workdir / "mobilenet_v3_large.gradcam.onnx"
@@ -457,7 +473,8 @@ def folder_table(args: argparse.Namespace) -> None:
         f"Python {platform.python_version()}, onnxruntime {_ort_version()}",
         "",
         f"Whole `explain` command (start-up included) on {args.images} JPEGs of 500x375, --batch-size 8, against "
-        "the prepared model's batch-8 images/s (fresh process, random input, as (b)); peak RSS of the command.",
+        "the prepared model's batch-8 images/s (fresh process, random input, as (b); the mean of one measurement "
+        "before and one after the commands); peak RSS of the command.",
         "",
         "| model | model batch 8 (images/s) | CLI | images/s | CLI / model | peak RSS (MB) |",
         "|---|---|---|---|---|---|",

@@ -327,6 +327,20 @@ def render(explainer: Explainer, item: Explained, options: RenderOptions) -> Ren
     return done
 
 
+def explain_and_render(
+    explainer: Explainer, batch: Sequence[Decoded], job: Job, options: RenderOptions | None = None
+) -> list[Rendered]:
+    """One batch of decoded inputs -> each input's rows and encoded files (what a worker of a distributed run
+    does before `write_rendered`)."""
+    options = options or RenderOptions()
+    return [render(explainer, item, options) for item in explain_batch(explainer, batch, job, options)]
+
+
+def decoded_image(explainer: Explainer, file: str, name: str, image: Image.Image) -> Decoded:
+    """A decoded picture (from any source: bytes, a dataset) as the pipeline's input."""
+    return Decoded(file, name, explainer.to_tensor([image])[0], image)
+
+
 def atomic_write(path: Path, data: bytes, sources: frozenset[Path] | set[Path] = frozenset()) -> None:
     """Write through a hidden temporary file in the same folder, then rename: never a partial file."""
     if sources and path.resolve() in sources:
