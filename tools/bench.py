@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--folder", action="store_true", help="the folder pipeline's measurement (issue 15)")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--rss-images", type=int, default=5000)
+    p.add_argument("--render-costs", action="store_true", help="only the per-image costs around the model")
     p.add_argument("--before-src", type=Path, default=None, help="checkout whose CLI is 'before' (e.g. main)")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -258,6 +259,9 @@ def main() -> None:
         return
     if args.int8:
         int8_table(args)
+        return
+    if args.render_costs:
+        print("\n".join(render_costs()))
         return
     if args.folder:
         folder_table(args)
@@ -421,6 +425,47 @@ def _cli_run(src: Path, model: Path, images: Path, out: Path, threads: int, extr
     return {"ips": n / seconds, "rss_mb": hwm / 1024.0}
 
 
+def render_costs(runs: int = 40) -> list[str]:
+    """ms per 500x375 image of each step around the model, the steps called in turn (a, b, c, ..., repeated)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from onnx_gradcam.explain.images import load_image
+    from onnx_gradcam.explain.overlay import overlay, overlay_float
+    from onnx_gradcam.explain.pipeline import encode
+    from onnx_gradcam.explain.preprocess import InputSpec, to_tensor
+    from onnx_gradcam.surgery.prepare import PRESETS
+
+    rs = np.random.RandomState(0)
+    small = Image.fromarray(rs.randint(0, 256, (12, 16, 3), np.uint8))
+    jpeg = io.BytesIO()
+    small.resize((500, 375), Image.Resampling.BICUBIC).save(jpeg, format="JPEG", quality=90)
+    img = load_image(io.BytesIO(jpeg.getvalue()))  # type: ignore[arg-type]
+    spec = InputSpec.from_shape("input", ["N", 3, 224, 224], None, "tensor(float)")
+    cam = rs.rand(224, 224).astype(np.float32)
+    shown = overlay(img, cam)
+    steps = {
+        "JPEG decode": lambda: load_image(io.BytesIO(jpeg.getvalue())),  # type: ignore[arg-type]
+        "preprocess to 224": lambda: to_tensor([img], spec, PRESETS["imagenet"], None),
+        "overlay, float64 colour map (before)": lambda: overlay_float(img, cam),
+        "overlay, uint8 lookup table (after)": lambda: overlay(img, cam),
+        "PNG encode, zlib level 6 (before)": lambda: shown.save(io.BytesIO(), format="PNG"),
+        "PNG encode, zlib level 1 (after)": lambda: encode(shown, "png"),
+        "JPEG encode, quality 90": lambda: encode(shown, "jpg"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(runs):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1000)
+    lines = ["| step (one 500x375 image, one thread) | ms, median |", "|---|---|"]
+    lines += [f"| {k} | {statistics.median(v):.1f} |" for k, v in times.items()]
+    return lines
+
+
 def folder_table(args: argparse.Namespace) -> None:
     """The folder measurement: CLI images/s against the model's batch-8 images/s, before and after."""
     from export_torchvision import export
@@ -488,6 +533,7 @@ def folder_table(args: argparse.Namespace) -> None:
     if rss:
         lines += ["", "| mobilenet_v3_large, after, jpg | images/s | peak RSS (MB) |", "|---|---|---|"]
         lines += [f"| {n} images | {r['ips']:.1f} | {r['rss_mb']:.0f} |" for n, r in rss.items()]
+    lines += ["", *render_costs()]
     table = "\n".join(lines)
     print(table)
     if args.out:
