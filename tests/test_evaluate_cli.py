@@ -16,8 +16,8 @@ import onnx_gradcam
 from onnx_gradcam import Explainer, OnnxGradCamError, prepare, prepare_model
 from onnx_gradcam.api import layers as list_layers
 from onnx_gradcam.cli import main
-from onnx_gradcam.evaluate.base import MetricResult, make_context
-from onnx_gradcam.evaluate.run import EXPLAINER, METRICS, default_metrics
+from onnx_gradcam.evaluation.base import MetricResult, make_context
+from onnx_gradcam.evaluation.run import EXPLAINER, METRICS, default_metrics
 from onnx_gradcam.surgery.load import file_sha256, load_model
 
 from .demo_set import DEMO, demo_set
@@ -225,11 +225,16 @@ def test_without_matplotlib_the_report_says_which_extra(
 
 
 def test_the_function_is_the_public_name_and_the_modules_stay_importable() -> None:
-    from onnx_gradcam.evaluate import base
-    from onnx_gradcam.evaluate.run import evaluate
+    from onnx_gradcam.evaluation import base
+    from onnx_gradcam.evaluation.run import evaluate
 
     assert onnx_gradcam.evaluate is evaluate and "evaluate" in onnx_gradcam.__all__
-    assert importlib.import_module("onnx_gradcam.evaluate.base") is base is sys.modules["onnx_gradcam.evaluate.base"]
+    assert (
+        importlib.import_module("onnx_gradcam.evaluation.base") is base is sys.modules["onnx_gradcam.evaluation.base"]
+    )
+    import onnx_gradcam.evaluation.road as road_module  # the subpackage's own name: no shadowing
+
+    assert callable(road_module.road) and onnx_gradcam.evaluate is evaluate
     for spec in METRICS.values():  # every registered name has its function
         assert callable(spec.resolve())
     import subprocess

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from onnx_gradcam.errors import BadInputError
-from onnx_gradcam.evaluate.base import EvalContext, make_context
-from onnx_gradcam.evaluate.faithfulness import (
+from onnx_gradcam.evaluation.base import EvalContext, make_context
+from onnx_gradcam.evaluation.faithfulness import (
     average_drop_increase,
     confidence_change,
     deletion_insertion,
     rise_kernel,
 )
-from onnx_gradcam.evaluate.road import impute, road
+from onnx_gradcam.evaluation.road import impute, road
 from onnx_gradcam.explain.explainer import Explainer
 
 from .demo_set import DEMO, demo_set

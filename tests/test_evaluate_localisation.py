@@ -9,15 +9,15 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_gradcam.errors import BadInputError
-from onnx_gradcam.evaluate.base import EvalContext, make_context
-from onnx_gradcam.evaluate.localisation import (
+from onnx_gradcam.evaluation.base import EvalContext, make_context
+from onnx_gradcam.evaluation.localisation import (
     connected_components,
     energy_pointing_game,
     largest_segment_box,
     localisation,
     pointing_game,
 )
-from onnx_gradcam.evaluate.sanity import (
+from onnx_gradcam.evaluation.sanity import (
     cascading_randomisation,
     randomised,
     rankdata,

@@ -43,9 +43,9 @@ def main() -> None:
     from pytorch_grad_cam.metrics import road as pgc_road
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    from onnx_gradcam.evaluate.base import make_context
-    from onnx_gradcam.evaluate.faithfulness import deletion_insertion
-    from onnx_gradcam.evaluate.road import road
+    from onnx_gradcam.evaluation.base import make_context
+    from onnx_gradcam.evaluation.faithfulness import deletion_insertion
+    from onnx_gradcam.evaluation.road import road
     from onnx_gradcam.explain.explainer import Explainer
     from tests.demo_set import demo_set
 

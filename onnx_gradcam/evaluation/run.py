@@ -1,10 +1,8 @@
 """evaluate(): explain a set of images with each method and layer, score the maps with the metrics
 of one registry, and write metrics.json (and report.html) whole or not at all.
 
-`onnx_gradcam.evaluate` is this function (re-exported in onnx_gradcam/__init__.py, so it shadows the
-subpackage's attribute). The modules stay importable by their paths: `from onnx_gradcam.evaluate.road
-import road`, `from onnx_gradcam.evaluate import base`, importlib; only the attribute chain
-`onnx_gradcam.evaluate.base` (and so `import onnx_gradcam.evaluate.base as b`) reaches the function.
+`onnx_gradcam.evaluate` is this function (imported on first use by onnx_gradcam/__init__.py); the
+subpackage is `onnx_gradcam.evaluation`, so the two names never shadow each other.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """A --metric name: the function of evaluate/<module>.py that computes it, its options, the
+    """A --metric name: the function of evaluation/<module>.py that computes it, its options, the
     results it keeps (None: all the function returns) and what it needs beyond images and maps
     ("boxes", "truth": the true classes, "explainer": the model itself)."""
 
