@@ -407,6 +407,19 @@ Examples:
     is_flag=True,
     help="A plain MODEL is prepared in memory: skip prepare's self-check of the result (see `prepare --help`).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster (the ray extra): ADDRESS ('auto', host:port, ray://...) or, alone, a local one. "
+    "INPUTS may then be URIs Ray reads (s3://, gs://, file://); -o must be a folder every node sees.",
+)
+@click.option(
+    "--workers", type=click.IntRange(1), default=1, show_default=True, help="With --ray: actors, one session each."
+)
 def explain_cmd(
     model: Path,
     inputs: tuple[str, ...],
@@ -432,6 +445,8 @@ def explain_cmd(
     byte_count: int | None,
     pad: int | None,
     no_verify: bool,
+    ray_address: str | None,
+    workers: int,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
@@ -476,6 +491,10 @@ def explain_cmd(
             )
         seeds = _SeedSpec(explainer, target, region, box_index)
         reader = _Reader(explainer, byte_count, pad)
+        if ray_address is not None:
+            ray_options = (target, top_k, method, colormap, alpha, upsample, batch_size, threads, device)
+            _explain_on_ray(explainer, reader, seeds, inputs, output_dir, ray_address, workers, *ray_options)
+            return
         files, problems = collect_inputs(inputs, reader.suffixes, exclude=output_dir)
         if not files:
             why = (
@@ -526,6 +545,57 @@ def explain_cmd(
     click.echo(
         f"explained {len(files) - failed + len(problems)} of {len(files)} {reader.noun}; wrote {output_dir}", err=True
     )
+    if failed:
+        sys.exit(1)
+
+
+def _explain_on_ray(
+    explainer: Explainer,
+    reader: _Reader,
+    seeds: _SeedSpec,
+    inputs: tuple[str, ...],
+    output_dir: Path,
+    address: str,
+    workers: int,
+    target: str | None,
+    top_k: int | None,
+    method: str | None,
+    colormap: str,
+    alpha: float,
+    upsample: str,
+    batch_size: int,
+    threads: int | None,
+    device: str,
+) -> None:
+    """`explain --ray`: the same files as without it, written by the workers (onnx_gradcam/ray.py)."""
+    if seeds.active or reader.noun != "images" or reader.byte_count is not None:
+        raise _Failure("--ray explains images with class targets: to fix this, leave out --ray for this model")
+    try:
+        from . import ray as on_ray
+    except ImportError as exc:
+        raise _Failure(f"--ray needs the ray extra ({exc}): to fix this, pip install 'onnx-gradcam[ray]'") from None
+    explainer.checked_method(method)
+    listed = on_ray.list_inputs(inputs, exclude=output_dir)
+    if not listed.paths:
+        why = f" ({listed.problems[0]})" if listed.problems else ""
+        raise _Failure(f"no inputs to explain{why}: to fix this, pass image files, folders, globs or URIs")
+    for p in listed.problems:
+        click.echo(f"skipped: {p}", err=True)
+    _make_dir(output_dir)
+    cpus = float(threads or 1)
+    options = on_ray.ExplainOptions(
+        target, top_k, method, None, explainer.size, explainer.input.layout, explainer.labels, batch_size, device,
+        threads or 1,
+    )  # fmt: skip
+    draw = on_ray.DrawOptions(str(output_dir.resolve()), colormap, alpha, upsample)
+    on_ray.connect(address or None, workers, cpus)
+    click.echo(f"explaining {len(listed.paths)} images on Ray with {workers} workers", err=True)
+    done = on_ray.explain_files(explainer, listed, options, draw, workers, cpus, 1 if device == "cuda" else None)
+    for line in done.skipped:
+        click.echo(f"skipped: {line}", err=True)
+    _write_text(output_dir / "predictions.json", json.dumps(done.entries, indent=2) + "\n", set())
+    failed = len(done.skipped) + len(listed.problems)
+    click.echo(f"explained {done.files - len(done.skipped)} of {done.files} images; wrote {output_dir}", err=True)
     if failed:
         sys.exit(1)
 
