@@ -413,8 +413,8 @@ def connect(address: str | None, workers: int, num_cpus: float) -> None:
     room for the workers and Ray's readers beside them."""
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    if address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable: join that cluster
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     else:
         cpus = max(os.cpu_count() or 1, int(np.ceil(workers * num_cpus + 1)))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -139,12 +139,12 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(clust
     out = tmp_path / "out"
     out.mkdir()
     exp = Explainer(DEMO)
-    listed = on_ray.list_inputs([str(folder)], exclude=out)
+    listed = on_ray.list_inputs([folder.as_uri()], exclude=out)  # a URI: read through pyarrow's filesystem
     options = on_ray.ExplainOptions(batch_size=3, threads=1)
     draw = on_ray.DrawOptions(str(out))
     done = on_ray.explain_files(exp, listed, options, draw, workers=2, num_cpus=0.5, actor_class=Killed)
     assert (tmp_path / "died").exists()  # a worker did die
-    assert [e["file"] for e in done.entries] == [str(folder / f"{n}.png") for n in sorted(names)]
+    assert [e["file"] for e in done.entries] == [(folder / f"{n}.png").as_uri() for n in sorted(names)]
     ref = exp.explain([load_image(folder / f"{n}.png") for n in sorted(names)])
     expected = {f"{n}.gradcam.c{int(c)}.{ext}" for n, c in zip(sorted(names), ref.targets) for ext in ("png", "npy")}
     assert {p.name for p in out.iterdir()} == expected  # no temporary leftovers either
