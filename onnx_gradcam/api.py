@@ -15,7 +15,6 @@ from pathlib import Path
 
 import onnx
 
-from .autodiff.context import TensorInfo
 from .errors import BadInputError
 from .explain.explainer import Explainer, ExplainResult, class_input_form, labels_beside, read_labels
 from .explain.overlay import overlay
@@ -25,9 +24,8 @@ from .surgery import layers as layer_choice
 from .surgery import prepare as surgery
 from .surgery import triton
 from .surgery.layers import Candidate
-from .surgery.load import file_sha256, load_model, save_model_atomic, serialise, upgrade_opset
+from .surgery.load import file_sha256, load_model, save_model_atomic, serialise
 from .surgery.prepare import CLASS_INPUTS, PRESETS, PrepareReport, Preprocess, read_metadata
-from .surgery.shapes import infer_all
 
 
 def default_output(model_path: str | os.PathLike[str]) -> Path:
@@ -287,14 +285,7 @@ def _write_folder(folder: Path, prepared: onnx.ModelProto, config: str, labels: 
 
 def layers(model: str | os.PathLike[str], reduction_layer: str | None = None) -> tuple[str, list[Candidate]]:
     """(score tensor, feature-map candidates shallowest first; `default` marks prepare's choice)."""
-    proto = upgrade_opset(load_model(model))
-    info = TensorInfo(infer_all(proto).graph, constants_from=proto.graph)
-    graph = proto.graph
-    if reduction_layer:
-        reduction = layer_choice.resolve(graph, reduction_layer, "reduction layer")
-    else:
-        reduction = layer_choice.default_reduction(graph, info)
-    return reduction, layer_choice.candidates(graph, info, reduction)
+    return layer_choice.list_layers(model, reduction_layer)
 
 
 __all__ = [

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
 from ._version import __version__
-from .api import Explainer, default_output, export_triton, prepare
-from .api import layers as list_layers
-from .errors import BadInputError, OnnxGradCamError
-from .explain.explainer import labels_beside, read_labels
-from .explain.images import IMAGE_SUFFIXES, collect_inputs, load_image
-from .explain.overlay import COLORMAPS, guided_image, overlay
-from .explain.preprocess import RESAMPLE, parse_size
-from .explain.seeds import box_seed, output_seed, region_seed
-from .explain.signals import SIGNAL_SUFFIXES, load_signal, plot_signal
-from .explain.tokens import array_picture, load_array, load_bytes, plot_tokens
-from .surgery.layout import CHOICES as LAYOUT_CHOICES
-from .surgery.methods import METHODS
-from .surgery.prepare import CLASS_INPUTS, PRESETS, Preprocess
+from .errors import OnnxGradCamError
+
+if TYPE_CHECKING:
+    from .api import Explainer
+    from .explain.pipeline import Job, Reader, RenderOptions
+    from .surgery.prepare import Preprocess
+
+# The option choices, spelled out so that --help imports neither numpy nor onnx; tests/test_pipeline.py
+# checks them against the tables they name (COLORMAPS, RESAMPLE, METHODS, CLASS_INPUTS, PRESETS, CHOICES).
+COLORMAP_NAMES = ("jet", "turbo", "viridis", "inferno", "hot", "gray")
+RESAMPLE_NAMES = ("bilinear", "bicubic", "nearest")
+METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+CLASS_INPUT_NAMES = ("optional", "required", "none")
+PRESET_NAMES = ("imagenet", "unit", "symmetric", "none")
+LAYOUT_NAMES = ("nchw", "nhwc", "tokens", "sequence-first")
+FORMAT_NAMES = ("png", "jpg", "webp")
+
 
 EXAMPLES_PREPARE = """
 \b
@@ -82,7 +83,7 @@ def main() -> None:
     "--method",
     "methods",
     multiple=True,
-    type=click.Choice(list(METHODS)),
+    type=click.Choice(METHOD_NAMES),
     help="CAM method; repeat for several (default gradcam).",
 )
 @click.option("--counterfactual", is_flag=True, help="Also output the counterfactual map (negated gradient).")
@@ -100,7 +101,7 @@ def main() -> None:
 )
 @click.option(
     "--class-input",
-    type=click.Choice(list(CLASS_INPUTS)),
+    type=click.Choice(CLASS_INPUT_NAMES),
     default="optional",
     show_default=True,
     help="How the model takes gradcam_class: 'optional' (an initializer-backed input, -1 = top-1 by default); "
@@ -108,7 +109,7 @@ def main() -> None:
     "'none' (no class input, top-1 only).",
 )
 @click.option(
-    "--preprocess", type=click.Choice(list(PRESETS)), help="Record this preprocessing so `explain` needs no flags."
+    "--preprocess", type=click.Choice(PRESET_NAMES), help="Record this preprocessing so `explain` needs no flags."
 )
 @click.option(
     "--expose-gradient",
@@ -117,7 +118,7 @@ def main() -> None:
 )
 @click.option(
     "--layout",
-    type=click.Choice(list(LAYOUT_CHOICES)),
+    type=click.Choice(LAYOUT_NAMES),
     help="Layout of the feature tensor, where the graph does not tell it (`layers` shows '?'): nchw, nhwc, "
     "tokens ([N, tokens, C], class tokens first, a grid of the image's aspect), sequence-first ([T, N, C], "
     "T along the image's width). Default: found from the graph.",
@@ -161,6 +162,8 @@ def prepare_cmd(
     is written the result is run in onnxruntime beside MODEL on a probe batch; if it fails to
     load or run, or breaks that contract, the error names the failing node and no file is written.
     """
+    from .api import default_output, prepare
+
     try:
         report = prepare(
             model,
@@ -227,7 +230,7 @@ Examples:
 )
 @click.option(
     "--class-input",
-    type=click.Choice(list(CLASS_INPUTS)),
+    type=click.Choice(CLASS_INPUT_NAMES),
     help="For a plain MODEL, how the prepared model takes gradcam_class (see `prepare --help`). Default: 'required' "
     "when --max-batch > 0 (Triton refuses optional inputs on batching models), else 'optional'. A prepared MODEL "
     "keeps its own form (given another, an error).",
@@ -258,6 +261,8 @@ def export_triton_cmd(
     dynamic batching, the instance group and the labels file on the logits output. Nothing is
     written if any check fails.
     """
+    from .api import export_triton
+
     try:
         done = export_triton(
             model,
@@ -291,6 +296,8 @@ def layers_cmd(model: Path, reduction_layer: str | None, show_all: bool) -> None
     list holds dequantized (float) tensors; an int8 tensor marked +DQ (QOperator models) is
     dequantized for the CAM.
     """
+    from .surgery.layers import list_layers  # not api: that would import onnxruntime
+
     try:
         reduction, found = list_layers(model, reduction_layer)
     except OnnxGradCamError as err:
@@ -335,7 +342,7 @@ Examples:
 )
 @click.option(
     "--preprocess",
-    type=click.Choice(list(PRESETS)),
+    type=click.Choice(PRESET_NAMES),
     help="Normalisation preset (default: recorded by prepare, else imagenet).",
 )
 @click.option("--mean", help="Per-channel mean of pixels/255, e.g. 0.5,0.5,0.5 (with --std).")
@@ -363,7 +370,7 @@ Examples:
 )
 @click.option("--method", help="Which prepared method to draw (default: the first).")
 @click.option(
-    "--colormap", type=click.Choice(list(COLORMAPS)), default="jet", show_default=True, help="Colours of the heat map."
+    "--colormap", type=click.Choice(COLORMAP_NAMES), default="jet", show_default=True, help="Colours of the heat map."
 )
 @click.option(
     "--alpha",
@@ -374,7 +381,7 @@ Examples:
 )
 @click.option(
     "--upsample",
-    type=click.Choice(list(RESAMPLE)),
+    type=click.Choice(RESAMPLE_NAMES),
     default="bilinear",
     show_default=True,
     help="How the map is resized to the original image.",
@@ -406,6 +413,33 @@ Examples:
     "--no-verify",
     is_flag=True,
     help="A plain MODEL is prepared in memory: skip prepare's self-check of the result (see `prepare --help`).",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(FORMAT_NAMES),
+    default="png",
+    show_default=True,
+    help="Overlay files: png (lossless), jpg or webp (much faster to encode, with --quality).",
+)
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="jpg and webp quality.")
+@click.option("--no-overlay", is_flag=True, help="Write the maps (.npy) and predictions only.")
+@click.option(
+    "--save-raw/--no-save-raw", default=True, show_default=True, help="Write each raw map (feature resolution) as .npy."
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Skip inputs that an earlier, interrupted run into the same folder finished (predictions.jsonl, the "
+    "journal every run appends to, names them); give the same options as that run.",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(["files", "parquet"]),
+    default="files",
+    show_default=True,
+    help="files: overlays, .npy maps and predictions.json; parquet: one predictions.parquet of predictions, "
+    "maps, raw maps and overlay bytes (needs pyarrow: the parquet extra).",
 )
 @click.option(
     "--ray",
@@ -445,13 +479,21 @@ def explain_cmd(
     byte_count: int | None,
     pad: int | None,
     no_verify: bool,
+    image_format: str,
+    quality: int,
+    no_overlay: bool,
+    save_raw: bool,
+    resume: bool,
+    output_format: str,
     ray_address: str | None,
     workers: int,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
-    Per image it writes an overlay PNG at the image's own size and the map as .npy; one
-    predictions.json lists file, class, label, score, probability, feature layer and method.
+    Per image it writes an overlay (PNG, or --format) at the image's own size and the map as .npy; one
+    predictions.json lists file, class, label, score, probability, feature layer and method, in the
+    inputs' order. Folders run as a pipeline (reading, the model and writing overlap; memory stays flat);
+    predictions.jsonl records each finished input, so an interrupted run continues with --resume.
     An unreadable image is reported and skipped; the exit code is then 1. Any model also takes
     .npy files holding its input itself (one sample, with or without the batch axis). Models of
     1-D signals ([N, C, T] inputs) take .npy or .csv files and get a plot of the signal with its
@@ -459,9 +501,16 @@ def explain_cmd(
     and get a PNG of the ids (bytes in hex and as characters) with the map beneath them.
     Models prepared with --target seed explain --class over --region, or a detection --box-index.
     """
+    from .api import Explainer
+    from .explain.explainer import read_labels
+    from .explain.images import collect_inputs
+    from .explain.pipeline import Job, Reader, RenderOptions, SeedSpec, explain_files
+    from .explain.preprocess import parse_size
+
     try:
         label_list = read_labels(labels) if labels else None
         chosen = _preprocess_from_flags(preprocess, mean, std, bgr)
+        options = RenderOptions(colormap, alpha, upsample, image_format, quality, not no_overlay, save_raw)
         explainer = Explainer(
             model,
             device=device,
@@ -472,6 +521,7 @@ def explain_cmd(
             size=parse_size(size),
             layout=layout,
             verify=not no_verify,
+            spin=False,  # the session's threads sleep between batches: the reading and writing threads need the cores
         )
         if explainer.prepared_in_memory:
             click.echo(
@@ -489,11 +539,11 @@ def explain_cmd(
             click.echo(
                 f"note: the model has {explainer.num_classes} classes; --top-k {top_k} explains all of them", err=True
             )
-        seeds = _SeedSpec(explainer, target, region, box_index)
-        reader = _Reader(explainer, byte_count, pad)
+        job = Job(target, top_k, method, SeedSpec(explainer, target, region, box_index))
+        reader = Reader(explainer, byte_count, pad)
         if ray_address is not None:
-            ray_options = (target, top_k, method, colormap, alpha, upsample, batch_size, threads, device)
-            _explain_on_ray(explainer, reader, seeds, inputs, output_dir, ray_address, workers, *ray_options)
+            ray_options = (ray_address, workers, batch_size, threads, device, resume, output_format)
+            _explain_on_ray(explainer, reader, job, options, inputs, output_dir, *ray_options)
             return
         files, problems = collect_inputs(inputs, reader.suffixes, exclude=output_dir)
         if not files:
@@ -503,78 +553,63 @@ def explain_cmd(
             raise _Failure(f"no inputs to explain{why}: to fix this, pass {reader.what}, folders or globs")
         for p in problems:
             click.echo(f"skipped: {p}", err=True)
-        sources = {f.resolve() for f in files}
         _make_dir(output_dir)
-        names = _output_names(files)
-        entries: list[dict[str, object]] = []
-        failed = len(problems)
         with click.progressbar(length=len(files), label="explaining", file=sys.stderr, hidden=len(files) <= 1) as bar:
-            for start in range(0, len(files), batch_size):
-                chunk = files[start : start + batch_size]
-                rows, images, kept = [], [], []
-                for f in chunk:
-                    try:
-                        row, shown = reader.read(f)
-                        rows.append(row)
-                        images.append(shown)
-                        kept.append(f)
-                    except OnnxGradCamError as err:
-                        click.echo(f"\nskipped: {err}", err=True)
-                        failed += 1
-                if images:
-                    entries += _explain_chunk(
-                        explainer,
-                        _stacked(rows),
-                        images,
-                        kept,
-                        names,
-                        output_dir,
-                        sources,
-                        target,
-                        top_k,
-                        method,
-                        colormap,
-                        alpha,
-                        upsample,
-                        seeds,
-                    )
-                bar.update(len(chunk))
-        _write_text(output_dir / "predictions.json", json.dumps(entries, indent=2) + "\n", sources)
+            summary = explain_files(
+                explainer,
+                reader,
+                files,
+                output_dir,
+                job,
+                options,
+                batch_size=batch_size,
+                resume=resume,
+                output_format=output_format,
+                progress=bar.update,
+                skipped=lambda message: click.echo(f"\nskipped: {message}", err=True),
+            )
     except OnnxGradCamError as err:
         raise _fail(err) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: to finish the run, repeat the command with --resume", err=True)
+        sys.exit(130)
+    resumed = f" ({summary.resumed} from an earlier run)" if summary.resumed else ""
     click.echo(
-        f"explained {len(files) - failed + len(problems)} of {len(files)} {reader.noun}; wrote {output_dir}", err=True
+        f"explained {summary.explained} of {len(files)} {reader.noun}{resumed}; wrote {output_dir}",
+        err=True,
     )
-    if failed:
+    if summary.failed or problems:
         sys.exit(1)
 
 
 def _explain_on_ray(
     explainer: Explainer,
-    reader: _Reader,
-    seeds: _SeedSpec,
+    reader: Reader,
+    job: Job,
+    options: RenderOptions,
     inputs: tuple[str, ...],
     output_dir: Path,
     address: str,
     workers: int,
-    target: str | None,
-    top_k: int | None,
-    method: str | None,
-    colormap: str,
-    alpha: float,
-    upsample: str,
     batch_size: int,
     threads: int | None,
     device: str,
+    resume: bool,
+    output_format: str,
 ) -> None:
     """`explain --ray`: the same files as without it, written by the workers (onnx_gradcam/ray.py)."""
-    if seeds.active or reader.noun != "images" or reader.byte_count is not None:
+    if (job.seeds is not None and job.seeds.active) or reader.noun != "images" or reader.byte_count is not None:
         raise _Failure("--ray explains images with class targets: to fix this, leave out --ray for this model")
+    if output_format != "files":
+        raise _Failure(
+            "--ray writes files: to fix this, leave out --output-format parquet, or write Parquet from Python with "
+            "onnx_gradcam.ray.explain_dataset(...).write_parquet(...)"
+        )
     try:
         from . import ray as on_ray
     except ImportError as exc:
         raise _Failure(f"--ray needs the ray extra ({exc}): to fix this, pip install 'onnx-gradcam[ray]'") from None
-    explainer.checked_method(method)
+    explainer.checked_method(job.method)
     listed = on_ray.list_inputs(inputs, exclude=output_dir)
     if not listed.paths:
         why = f" ({listed.problems[0]})" if listed.problems else ""
@@ -582,26 +617,34 @@ def _explain_on_ray(
     for p in listed.problems:
         click.echo(f"skipped: {p}", err=True)
     _make_dir(output_dir)
-    cpus = float(threads or 1)
-    options = on_ray.ExplainOptions(
-        target, top_k, method, None, explainer.size, explainer.input.layout, explainer.labels, batch_size, device,
-        threads or 1,
-    )  # fmt: skip
-    draw = on_ray.DrawOptions(str(output_dir.resolve()), colormap, alpha, upsample)
-    on_ray.connect(address or None, workers, cpus)
+    on_ray.connect(address or None, workers, float(threads or 1))
     click.echo(f"explaining {len(listed.paths)} images on Ray with {workers} workers", err=True)
-    done = on_ray.explain_files(explainer, listed, options, draw, workers, cpus, 1 if device == "cuda" else None)
-    for line in done.skipped:
+    summary = on_ray.explain_files(
+        explainer,
+        listed,
+        output_dir,
+        job,
+        options,
+        batch_size=batch_size,
+        threads=threads or 1,
+        device=device,
+        workers=workers,
+        num_cpus=float(threads or 1),
+        num_gpus=1 if device == "cuda" else None,
+        resume=resume,
+    )
+    for line in summary.failed:
         click.echo(f"skipped: {line}", err=True)
-    _write_text(output_dir / "predictions.json", json.dumps(done.entries, indent=2) + "\n", set())
-    failed = len(done.skipped) + len(listed.problems)
-    click.echo(f"explained {done.files - len(done.skipped)} of {done.files} images; wrote {output_dir}", err=True)
-    if failed:
+    resumed = f" ({summary.resumed} from an earlier run)" if summary.resumed else ""
+    click.echo(f"explained {summary.explained} of {len(listed.paths)} images{resumed}; wrote {output_dir}", err=True)
+    if summary.failed or listed.problems:
         sys.exit(1)
 
 
 def _adopt_labels_beside(explainer: Explainer, model: Path) -> None:
     """Use MODEL.labels.txt or labels.txt beside the model when it names every class."""
+    from .explain.explainer import labels_beside, read_labels
+
     found = labels_beside(model)
     if found is None or explainer.num_classes is None:
         return
@@ -636,249 +679,9 @@ def _make_dir(folder: Path) -> None:
         ) from None
 
 
-class _SeedSpec:
-    """What a --target seed model is asked: a class over a region, or one box's class score."""
-
-    def __init__(self, explainer: Explainer, target: str | None, region: str | None, box_index: int | None) -> None:
-        self.active = explainer.metadata.get("target", "class") == "seed"
-        self.cls = -1
-        if not self.active:
-            if region is not None or box_index is not None:
-                raise _Failure(
-                    "--region and --box-index need a model prepared with --target seed: to fix this, "
-                    "run onnx-gradcam prepare MODEL --target seed"
-                )
-            return
-        if target is None:
-            raise _Failure(
-                "this model was prepared with --target seed: to fix this, give --class K (with --region or --box-index)"
-            )
-        self.cls = explainer.resolve_target(target)
-        self.region, self.box_index = region, box_index
-        self.explainer = explainer
-        meta = next(o for o in explainer.session.get_inputs() if o.name == "gradcam_seed")
-        self.shape = list(meta.shape)
-
-    def build(self, images: list, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
-        """One seed per image; symbolic output sizes are taken as the network input's."""
-        shape = [d if isinstance(d, int) else None for d in self.shape]
-        layout = self.explainer.input.layout
-        spatial = x.shape[2:] if layout in ("nchw", "nct") else x.shape[1:] if layout == "nt" else x.shape[1:-1]
-        for k in range(2, len(shape)):
-            if shape[k] is None and len(shape) - 2 == len(spatial):
-                shape[k] = int(spatial[k - 2])
-        if any(d is None for d in shape[1:]):
-            raise _Failure(
-                f"the seed's shape {self.shape} is only known when running: to fix this, use the Python "
-                "API (Explainer.explain(..., seed=...))"
-            )
-        rows = []
-        for img in images:
-            one = [1, *[int(d) for d in shape[1:] if d is not None]]
-            if self.box_index is not None:
-                rows.append(box_seed(one, self.box_index, self.cls))
-            elif len(one) == 2:
-                rows.append(output_seed(one, self.cls))
-            else:
-                rows.append(region_seed(one, self.cls, self._mask(img, one)))
-        return np.concatenate(rows)
-
-    def _mask(self, img, shape: list[int]):  # type: ignore[no-untyped-def]
-        h, w = shape[-2], shape[-1]
-        if self.region in (None, "all"):
-            return (0, 0, w, h)
-        assert self.region is not None
-        if Path(self.region).suffix.lower() in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
-            return np.asarray(load_image(self.region).convert("L")) > 127
-        try:
-            x0, y0, x1, y1 = (float(v) for v in self.region.split(","))
-        except ValueError:
-            raise _Failure(f"--region {self.region!r}: to fix this, give all, a mask PNG, or x0,y0,x1,y1") from None
-        iw, ih = img.size  # image pixels -> output pixels
-        left, top = int(x0 * w / iw), int(y0 * h / ih)
-        return (left, top, max(int(round(x1 * w / iw)), left + 1), max(int(round(y1 * h / ih)), top + 1))
-
-
-class _Reader:
-    """How `explain` reads its input files for this model: images (or .npy arrays of the input),
-    signals (.npy, .csv), or ids (.npy, or raw bytes with --bytes)."""
-
-    def __init__(self, explainer: Explainer, byte_count: int | None, pad: int | None) -> None:
-        spec = explainer.input
-        if byte_count is None and pad is not None:
-            raise _Failure("--pad goes with --bytes: to fix this, give --bytes N too")
-        if byte_count is not None and not spec.is_tokens:
-            raise _Failure(
-                f"--bytes reads raw files for models of integer ids [N, T], but the input {spec.name!r} is "
-                f"{list(explainer.input_shape)} ({spec.layout}): to fix this, leave out --bytes"
-            )
-        self.explainer, self.byte_count, self.pad = explainer, byte_count, 0 if pad is None else pad
-        if pad is not None and not 0 <= pad <= int(np.iinfo(np.dtype(spec.numpy_dtype)).max):
-            raise _Failure(f"--pad {pad} does not fit the input's {np.dtype(spec.numpy_dtype).name}")
-        self.suffixes: set[str] | None = (
-            set()
-            if byte_count is not None
-            else SIGNAL_SUFFIXES
-            if spec.is_signal
-            else {".npy"}
-            if spec.is_tokens
-            else IMAGE_SUFFIXES | {".npy"}
-        )
-        self.noun = "signals" if spec.is_signal else "inputs" if spec.is_tokens else "images"
-        self.what = (
-            "files (raw bytes)"
-            if byte_count is not None
-            else ".npy or .csv files"
-            if spec.is_signal
-            else ".npy files of ids (or raw files with --bytes N)"
-            if spec.is_tokens
-            else "image (or .npy) files"
-        )
-
-    def read(self, path: Path) -> tuple[np.ndarray, object]:
-        """(one row of the model's input, what its picture is drawn from)."""
-        exp, spec = self.explainer, self.explainer.input
-        shape, dtype = exp.input_shape, spec.numpy_dtype
-        if self.byte_count is not None:
-            length = shape[1] if isinstance(shape[1], int) and shape[1] > 0 else None
-            ids = load_bytes(path, self.byte_count, length, self.pad)
-            return ids.astype(dtype), ids
-        if spec.is_signal:
-            signal = load_signal(path)
-            return signal, signal
-        if path.suffix.lower() == ".npy":
-            row = load_array(path, shape, dtype)
-            return row, (row if spec.is_tokens else array_picture(row, spec.layout))
-        if spec.is_tokens:
-            raise BadInputError(
-                f"{str(path)!r} is not a .npy file, and the model reads integer ids: to fix this, save the ids "
-                "with np.save, or read the file as raw bytes with --bytes N"
-            )
-        img = load_image(path)
-        return exp.to_tensor([img])[0], img
-
-
-def _stacked(rows: list[np.ndarray]) -> np.ndarray:
-    if len({r.shape for r in rows}) > 1:
-        shapes = ", ".join(str(list(r.shape)) for r in rows)
-        raise _Failure(
-            f"inputs of different shapes in one batch ({shapes}): to fix this, give inputs of one shape, or "
-            "--batch-size 1"
-        )
-    return np.stack(rows)
-
-
-def _picture(explainer: Explainer, shown, cam: np.ndarray, colormap: str, alpha: float, upsample: str):  # type: ignore[no-untyped-def]
-    """The PNG of one explained input: an overlay, a signal plot, or the ids with the map."""
-    if explainer.input.is_tokens:
-        return plot_tokens(shown, cam, colormap)
-    if explainer.input.is_signal:
-        return plot_signal(shown, cam, colormap)
-    return overlay(shown, cam, colormap, alpha, upsample)
-
-
-def _explain_chunk(
-    explainer: Explainer,
-    x: np.ndarray,
-    images: list,
-    files: list[Path],
-    names: dict[Path, str],
-    out: Path,
-    sources: set[Path],
-    target: str | None,
-    top_k: int | None,
-    method: str | None,
-    colormap: str,
-    alpha: float,
-    upsample: str,
-    seeds: _SeedSpec,
-) -> list[dict[str, object]]:
-    if seeds.active:
-        results = [explainer.explain(x, None, method, seed=seeds.build(images, x))]
-    elif top_k:
-        results = explainer.explain_top_k(x, top_k, method)
-    else:
-        results = [explainer.explain(x, target, method)]
-    entries = []
-    for rank, result in enumerate(results, start=1):
-        for i, (img, f) in enumerate(zip(images, files)):
-            cls = seeds.cls if seeds.active else int(result.targets[i])
-            suffix = f".top{rank}" if top_k and not seeds.active else ""
-            stem = f"{names[f]}.{result.method}{suffix}.c{cls}"
-            overlay_path = out / f"{stem}.png"
-            raw_path = out / f"{stem}.npy"
-            picture = _picture(explainer, img, result.maps[i], colormap, alpha, upsample)
-            _write_png(overlay_path, picture, sources)
-            _write_npy(raw_path, result.raw[i], sources)
-            entry: dict[str, object] = {
-                "file": str(f),
-                "rank": rank,
-                "class": cls,
-                "label": explainer.labels[cls] if explainer.labels and 0 <= cls < len(explainer.labels) else None,
-                "score": float(result.scores[i]),
-                "probability": float(result.probabilities[i, cls]) if result.probabilities is not None else None,
-                "feature_layer": result.feature_layer,
-                "method": result.method,
-                "overlay": overlay_path.name,
-                "raw_map": raw_path.name,
-            }
-            guided = result.extra.get("gradcam_guided")
-            if guided is not None:
-                guided_path = out / f"{stem}.guided.png"
-                _write_png(guided_path, guided_image(guided[i], explainer.input.layout), sources)
-                entry["guided"] = guided_path.name
-            entries.append(entry)
-    return entries
-
-
-def _output_names(files: Sequence[Path]) -> dict[Path, str]:
-    """File stems, made unique (sub/cat.jpg and cat.png -> 'cat', 'cat-2')."""
-    names: dict[Path, str] = {}
-    used: dict[str, int] = {}
-    for f in files:
-        stem = f.stem
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        names[f] = stem if n == 1 else f"{stem}-{n}"
-    return names
-
-
-def _guard(path: Path, sources: set[Path]) -> Path:
-    if path.resolve() in sources:
-        raise _Failure(f"refusing to overwrite the input image {path}: to fix this, choose another -o folder")
-    return path
-
-
-def _atomic_write(path: Path, sources: set[Path], write: Callable[[Path], object]) -> None:
-    """Write through a hidden temporary file in the same folder, then rename: never a partial file."""
-    tmp = _guard(path, sources).with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _Failure(
-            f"cannot write {path} ({exc.strerror or exc}): to fix this, free disk space or choose another -o folder"
-        ) from None
-
-
-def _write_png(path: Path, image, sources: set[Path]) -> None:  # type: ignore[no-untyped-def]
-    _atomic_write(path, sources, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def _write_npy(path: Path, array: np.ndarray, sources: set[Path]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _atomic_write(path, sources, write)
-
-
-def _write_text(path: Path, text: str, sources: set[Path]) -> None:
-    _atomic_write(path, sources, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _preprocess_from_flags(preset: str | None, mean: str | None, std: str | None, bgr: bool) -> Preprocess | None:
+    from .surgery.prepare import PRESETS, Preprocess
+
     if (mean is None) != (std is None):
         raise _Failure(
             "--mean and --std go together: to fix this, give both (e.g. --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5)"

@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,8 +21,18 @@ from PIL import Image
 from .errors import BadInputError, OnnxGradCamError
 from .explain.explainer import Explainer, ExplainResult
 from .explain.images import IMAGE_SUFFIXES, collect_inputs, load_image, to_rgb
-from .explain.overlay import guided_image, overlay
-from .explain.preprocess import RESAMPLE
+from .explain.pipeline import (
+    Decoded,
+    FileSink,
+    Job,
+    Rendered,
+    RenderOptions,
+    RunSummary,
+    decoded_image,
+    explain_and_render,
+    remove_stale_temporaries,
+    write_rendered,
+)
 
 try:
     import ray
@@ -261,151 +270,108 @@ def output_names(files: Sequence[str]) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class DrawOptions:
-    """How the workers draw and where they write: the CLI's --colormap, --alpha, --upsample, -o."""
-
-    output_dir: str
-    colormap: str = "jet"
-    alpha: float = 0.5
-    upsample: str = "bilinear"
-
-
 class ExplainToFiles(ExplainBatch):
-    """The CLI's outputs, written by the worker that explained them: per image and class an overlay
-    PNG and the raw map .npy (atomically: a temporary file, then a rename, so a worker killed
-    mid-write and retried leaves no partial file and no duplicate). Returns small rows only
-    (order, rank, the predictions.json entry, or the error of an unreadable image)."""
+    """The CLI's outputs, made with the folder pipeline's per-batch steps (explain/pipeline.py:
+    explain_and_render, write_rendered) by the worker that explained them: every file written
+    atomically (a temporary name, then a rename), so a worker killed mid-write and retried leaves no
+    partial file and no duplicate. Returns small rows only: one per input, its order, its
+    predictions entries (JSON) or the error of an unreadable image."""
 
-    def __init__(self, model: Any, options: ExplainOptions, draw: DrawOptions, listed: Any) -> None:
+    def __init__(self, model: Any, options: ExplainOptions, job: Job, render: RenderOptions, out: str, listed: Any):
         super().__init__(model, options)
-        self.draw = draw
+        self.job, self.render, self.out = job, render, Path(out)
         names, sources = ray.get(listed) if isinstance(listed, ray.ObjectRef) else listed
         self.names: dict[str, tuple[int, str, str]] = names
-        self.sources: set[str] = sources
-        self.out = Path(draw.output_dir)
+        self.sources: frozenset[Path] = sources
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        rows: dict[str, list[Any]] = {"order": [], "rank": [], "entry": [], "error": []}
-        good: list[tuple[str, Image.Image]] = []
+        rows: dict[str, list[Any]] = {"order": [], "entries": [], "error": []}
+        good: list[Decoded] = []
         for path, data in zip(batch["path"], batch["bytes"]):
+            order, name, shown = self.names[str(path)]
             try:
-                good.append((str(path), _to_image(data, self.names[str(path)][2])))
+                good.append(decoded_image(self.explainer, shown, name, _to_image(data, shown)))
             except OnnxGradCamError as err:
-                rows["order"].append(self.names[str(path)][0])
-                rows["rank"].append(0)
-                rows["entry"].append("")
+                rows["order"].append(order)
+                rows["entries"].append("")
                 rows["error"].append(str(err).splitlines()[0])
-        if good:
-            results = self.explain([img for _, img in good])
-            for rank, result in enumerate(results, start=1):
-                for i, (path, img) in enumerate(good):
-                    order, name, shown = self.names[path]
-                    entry = self.write(result, i, rank, img, name, shown)
-                    rows["order"].append(order)
-                    rows["rank"].append(rank)
-                    rows["entry"].append(json.dumps(entry))
-                    rows["error"].append("")
+        for decoded, rendered in zip(good, explain_and_render(self.explainer, good, self.job, self.render)):
+            self.write(rendered, decoded.name)
+            rows["order"].append(self.names_by_file[decoded.file])
+            rows["entries"].append(json.dumps(rendered.entries))
+            rows["error"].append("")
         return rows
 
-    def write(
-        self, result: ExplainResult, i: int, rank: int, img: Image.Image, name: str, shown: str
-    ) -> dict[str, Any]:
-        """One image's files for one class, and its predictions.json entry (as the CLI writes them)."""
-        f = self.fields(result, i, rank)
-        suffix = f".top{rank}" if self.options.top_k else ""
-        stem = f"{name}.{result.method}{suffix}.c{f['class']}"
-        picture = overlay(img, result.maps[i], self.draw.colormap, self.draw.alpha, self.draw.upsample)
-        self.write_file(f"{stem}.png", lambda tmp: picture.save(tmp, format="PNG"))
-        self.write_file(f"{stem}.npy", lambda tmp: np.save(tmp, result.raw[i], allow_pickle=False))
-        entry: dict[str, Any] = {"file": shown, "rank": rank}
-        entry.update({k: f[k] for k in ("class", "label", "score", "probability", "feature_layer", "method")})
-        entry.update({"overlay": f"{stem}.png", "raw_map": f"{stem}.npy"})
-        guided = result.extra.get("gradcam_guided")
-        if guided is not None:
-            g = guided_image(guided[i], self.explainer.input.layout)
-            self.write_file(f"{stem}.guided.png", lambda tmp: g.save(tmp, format="PNG"))
-            entry["guided"] = f"{stem}.guided.png"
-        return entry
+    @property
+    def names_by_file(self) -> dict[str, int]:
+        if not hasattr(self, "_by_file"):
+            self._by_file = {shown: order for order, _, shown in self.names.values()}
+        return self._by_file
 
-    def write_file(self, name: str, write: Any) -> None:
-        path = self.out / name
-        if os.path.realpath(path) in self.sources:
-            raise BadInputError(f"refusing to overwrite the input image {path}: to fix this, choose another -o folder")
-        write_atomic(path, write)
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Through a hidden temporary file in the same folder, unique to this process, then renamed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BadInputError(
-            f"cannot write {path} ({exc.strerror or exc}): to fix this, free disk space or choose another -o folder"
-        ) from None
-
-
-@dataclass(frozen=True)
-class FilesRun:
-    """What `explain --ray` did: the predictions.json entries in the CLI's order, and the skipped
-    inputs (one line each)."""
-
-    entries: list[dict[str, Any]]
-    skipped: list[str]
-    files: int
+    def write(self, rendered: Rendered, name: str) -> None:
+        """One input's files into the output folder (each atomically)."""
+        write_rendered(rendered, self.out, self.sources)
 
 
 def explain_files(
     explainer: Explainer,
     listed: Listed,
-    options: ExplainOptions,
-    draw: DrawOptions,
+    folder: str | os.PathLike[str],
+    job: Job,
+    render: RenderOptions,
+    *,
+    batch_size: int = 8,
+    threads: int = 1,
+    device: str = "auto",
     workers: int = 1,
     num_cpus: float = 1,
     num_gpus: float | None = None,
+    resume: bool = False,
     actor_class: type[ExplainToFiles] = ExplainToFiles,
-) -> FilesRun:
-    """Explain listed files on the running Ray cluster; the workers write the overlays and maps
-    into `draw.output_dir` (a folder every node sees), the driver only the small predictions.json.
-
-    `explainer` is the driver's (it checked the options); its prepared model is what the actors
-    run (one load per actor, no second preparation)."""
-    if draw.upsample not in RESAMPLE:
-        raise BadInputError(f"unknown upsampling {draw.upsample!r}: to fix this, use one of {', '.join(RESAMPLE)}")
-    sources = {os.path.realpath(p) for p in listed.paths} if listed.filesystem is None else set()
-    ds = ray.data.read_binary_files(
-        listed.paths,
-        include_paths=True,
-        filesystem=listed.filesystem,
-        num_cpus=0.25,  # reading is I/O: leave the cores to the actors
-    )
-    shared = ray.put((listed.names, sources))  # once in the object store, not once per actor
-    result = _map(ds, actor_class, explainer.model, options, workers, num_cpus, num_gpus, (draw, shared))
+) -> RunSummary:
+    """Explain listed files on the running Ray cluster into `folder` (one every node sees): the
+    workers write each input's files, the driver only the journal predictions.jsonl (as inputs
+    finish) and predictions.json (in the inputs' order), through the CLI's own FileSink, so
+    `--resume` works as without Ray. `explainer` is the driver's (it checked the options); its
+    prepared model is what the actors run (put in the object store once: one load per actor)."""
+    out = Path(folder)
+    remove_stale_temporaries(out)
+    sink = FileSink(out, resume)
+    shown = [listed.names[p][2] for p in listed.paths]
+    todo = [p for p in listed.paths if listed.names[p][2] not in sink.done]
+    sources = frozenset(Path(p).resolve() for p in listed.paths) if listed.filesystem is None else frozenset()
+    failed: list[str] = []
     try:
-        rows = [(r["order"], r["rank"], r["entry"], r["error"]) for r in result.iter_rows()]
-        # the CLI's order: per chunk of batch_size files, rank by rank, file by file
-        rows.sort(key=lambda r: (r[0] // options.batch_size, r[1], r[0]))
+        if todo:
+            ds = ray.data.read_binary_files(
+                todo,
+                include_paths=True,
+                filesystem=listed.filesystem,
+                num_cpus=0.25,  # reading is I/O: leave the cores to the actors
+            )
+            shared = ray.put((listed.names, sources))  # once in the object store, not once per actor
+            options = ExplainOptions(
+                job.target, job.top_k, job.method, explainer.preprocess, explainer.size, explainer.input.layout,
+                explainer.labels, batch_size, device, threads,
+            )  # fmt: skip
+            extra = (job, render, str(out.resolve()), shared)
+            result = _map(ds, actor_class, explainer.model, options, workers, num_cpus, num_gpus, extra)
+            for row in result.iter_rows():
+                if row["error"]:
+                    failed.append(row["error"])
+                else:
+                    sink.add(Rendered(json.loads(row["entries"])))
+        sink.finish(shown, sources)
     except Exception as exc:  # Ray wraps a worker's error (in RayTaskError, UserCodeException)
+        sink.abort()
         ours = _our_error(exc)
         if ours is None:
             raise
         raise BadInputError(ours) from None
     finally:
-        _remove_leftovers(Path(draw.output_dir))
-    entries = [json.loads(e) for _, _, e, err in rows if not err]
-    skipped = [err for _, _, _, err in rows if err]
-    return FilesRun(entries, skipped, len(listed.paths))
-
-
-def _remove_leftovers(folder: Path) -> None:
-    """The temporary files of workers killed mid-write (their retries wrote the files whole)."""
-    for tmp in folder.glob(".*.tmp"):
-        if re.fullmatch(r"\..+\.\d+\.tmp", tmp.name):
-            tmp.unlink(missing_ok=True)
+        remove_stale_temporaries(out)  # of workers killed mid-write: their retries wrote the files whole
+    explained = sum(1 for s in shown if s in sink.done)
+    return RunSummary(explained, len(listed.paths) - len(todo), failed, sum(len(v) for v in sink.done.values()))
 
 
 def connect(address: str | None, workers: int, num_cpus: float) -> None:

@@ -20,6 +20,7 @@ pytest.importorskip("pyarrow")
 from onnx_gradcam import Explainer  # noqa: E402
 from onnx_gradcam.cli import main  # noqa: E402
 from onnx_gradcam.explain.images import load_image  # noqa: E402
+from onnx_gradcam.explain.pipeline import Job, RenderOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo.onnx"
@@ -80,11 +81,14 @@ def test_cli_on_ray_writes_what_the_cli_writes(cluster, tmp_path: Path, monkeypa
     assert "skipped:" in ray_out and "broken.png" in ray_out and "explained 6 of 7 images" in ray_out
     plain, on_ray = _files(tmp_path / "plain"), _files(tmp_path / "onray")
     assert sorted(on_ray) == sorted(plain)
-    assert len(plain) == 6 * 2 * 2 + 1 and "star-2.gradcam.top1.c3.png" in plain
+    assert len(plain) == 6 * 2 * 2 + 2 and "star-2.gradcam.top1.c3.png" in plain
     for name in plain:
-        assert on_ray[name] == plain[name], name
+        if name == "predictions.jsonl":  # the journal is in the order inputs finish
+            assert sorted(on_ray[name].splitlines()) == sorted(plain[name].splitlines())
+        else:
+            assert on_ray[name] == plain[name], name
     entries = json.loads(plain["predictions.json"])
-    assert [(e["file"], e["rank"]) for e in entries][:2] == [("imgs/circle.png", 1), ("imgs/grey.png", 1)]
+    assert [(e["file"], e["rank"]) for e in entries][:2] == [("imgs/circle.png", 1), ("imgs/circle.png", 2)]
 
 
 def test_explain_dataset_maps_equal_the_explainer_and_round_trip_parquet(cluster, tmp_path: Path) -> None:
@@ -118,11 +122,11 @@ class DiesOnce:
     marker: Path
     victim = "victim"
 
-    def write(self, result, i, rank, img, name, shown):  # type: ignore[no-untyped-def]
+    def write(self, rendered, name):  # type: ignore[no-untyped-def]
         if name == self.victim and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os._exit(1)
-        return super().write(result, i, rank, img, name, shown)  # type: ignore[misc]
+        return super().write(rendered, name)  # type: ignore[misc]
 
 
 def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(cluster, tmp_path: Path) -> None:
@@ -140,13 +144,18 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(clust
     out.mkdir()
     exp = Explainer(DEMO)
     listed = on_ray.list_inputs([folder.as_uri()], exclude=out)  # a URI: read through pyarrow's filesystem
-    options = on_ray.ExplainOptions(batch_size=3, threads=1)
-    draw = on_ray.DrawOptions(str(out))
-    done = on_ray.explain_files(exp, listed, options, draw, workers=2, num_cpus=0.5, actor_class=Killed)
+    done = on_ray.explain_files(
+        exp, listed, out, Job(), RenderOptions(), batch_size=3, workers=2, num_cpus=0.5, actor_class=Killed
+    )
     assert (tmp_path / "died").exists()  # a worker did die
-    assert [e["file"] for e in done.entries] == [(folder / f"{n}.png").as_uri() for n in sorted(names)]
+    assert done.explained == len(names) and not done.failed
+    entries = json.loads((out / "predictions.json").read_text())
+    assert [e["file"] for e in entries] == [(folder / f"{n}.png").as_uri() for n in sorted(names)]
+    journal = [json.loads(line)["file"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(journal) == sorted(e["file"] for e in entries)  # each input once
     ref = exp.explain([load_image(folder / f"{n}.png") for n in sorted(names)])
     expected = {f"{n}.gradcam.c{int(c)}.{ext}" for n, c in zip(sorted(names), ref.targets) for ext in ("png", "npy")}
+    expected |= {"predictions.json", "predictions.jsonl"}
     assert {p.name for p in out.iterdir()} == expected  # no temporary leftovers either
     for n, raw in zip(sorted(names), ref.raw):
         cls = int(ref.targets[sorted(names).index(n)])

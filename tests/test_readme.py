@@ -139,7 +139,7 @@ def test_the_cli_reference_lists_exactly_the_options() -> None:
     for line in reference.split("onnx-gradcam ")[1:]:
         name = line.split()[0]
         command = main.commands[name]
-        known = {opt for param in command.params for opt in param.opts}
+        known = {opt for param in command.params for opt in [*param.opts, *param.secondary_opts]}
         used = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", line))
         assert used <= known, f"{name}: {sorted(used - known)} are not options of `onnx-gradcam {name}`"
         options = [param for param in command.params if param.opts[0].startswith("-")]

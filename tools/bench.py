@@ -10,6 +10,13 @@ GradCAM on the same torch model and layer, (d) the Explainer API with arrays in 
 (e) the `explain` CLI on 100 JPEG files (images/s). Ratios compare variants of ONE run only.
 With --int8 FORMS, (a) and (b) for each int8 form of each model instead (tools/quantize_int8.py,
 calibrated on random images): the plain int8 model and the prepared int8 model.
+
+    python tools/bench.py --folder [--images 500] [--rss-images 5000] [--before-src /work/main] [--out folder.md]
+
+With --folder, the folder measurement of issue 15 instead, in one run: the prepared model's batch-8
+images/s (a fresh process, as (b)) against the whole `explain` command on --images JPEGs of 500x375,
+for this checkout's CLI (png and jpg) and, with --before-src, the CLI of another checkout (its png);
+peak RSS of each command (its VmHWM, read while it runs), and of this CLI on --rss-images with mobilenet_v3_large, jpg.
 """
 
 from __future__ import annotations
@@ -238,6 +245,10 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     p.add_argument("--int8", nargs="+", default=None, metavar="FORM", help="qdq, qdq_per_tensor, qop, dynamic")
+    p.add_argument("--folder", action="store_true", help="the folder pipeline's measurement (issue 15)")
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--rss-images", type=int, default=5000)
+    p.add_argument("--before-src", type=Path, default=None, help="checkout whose CLI is 'before' (e.g. main)")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +258,9 @@ def main() -> None:
         return
     if args.int8:
         int8_table(args)
+        return
+    if args.folder:
+        folder_table(args)
         return
 
     from export_torchvision import export
@@ -355,6 +369,125 @@ def int8_table(args: argparse.Namespace) -> None:
                     f"| {model} | {form} | {batch} | {a:.1f} | {b:.1f} | {ratio:.3f} [{spread}] | "
                     f"{1 + share:.3f} | {max(r['rss_mb'] for r in res):.0f} |"
                 )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+def _jpegs(folder: Path, n: int) -> Path:
+    """n JPEGs of 500x375 with photo-like content (smooth random colour fields, a little noise), made once."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(list(folder.glob("*.jpg")))
+    rs = np.random.RandomState(have)
+    for i in range(have, n):
+        small = rs.randint(0, 256, (12, 16, 3), np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC), np.int16)
+        img = np.clip(img + rs.randint(-8, 9, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i:05d}.jpg", quality=90)
+    return folder
+
+
+def _cli_run(src: Path, model: Path, images: Path, out: Path, threads: int, extra: list[str]) -> dict[str, float]:
+    """images/s of the whole `explain` command (start-up included) and its peak RSS in MB."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
+    cmd = [sys.executable, "-m", "onnx_gradcam.cli", "explain", str(model), str(images), "-o", str(out)]
+    cmd += ["--device", "cpu", "--batch-size", "8", "--threads", str(threads), *extra]
+    n = len(list(images.glob("*.jpg")))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # VmHWM of the command itself, read while it runs (ru_maxrss would count the fork of this process)
+    hwm = 0
+    status_file = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            hwm = max(
+                [hwm] + [int(x.split()[1]) for x in status_file.read_text().splitlines() if x.startswith("VmHWM:")]
+            )
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {err[-500:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"ips": n / seconds, "rss_mb": hwm / 1024.0}
+
+
+def folder_table(args: argparse.Namespace) -> None:
+    """The folder measurement: CLI images/s against the model's batch-8 images/s, before and after."""
+    from export_torchvision import export
+
+    command = "python tools/bench.py " + " ".join(sys.argv[1:])
+    models = [m for m in args.models if m in ("resnet50", "mobilenet_v3_large")] or ["resnet50", "mobilenet_v3_large"]
+    images = _jpegs(args.workdir / f"jpegs500x375-{args.images}", args.images)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for model in models:
+        plain = args.workdir / f"{model}.onnx"
+        if not plain.exists():
+            plain.symlink_to(export(model, args.workdir).name)
+        if not (args.workdir / f"{model}.gradcam.onnx").exists():
+            _prepare_in_subprocess(model, args.workdir)
+        prepared = args.workdir / f"{model}.gradcam.onnx"
+        worker_args = ["--worker", "b", model, "8", "--threads", str(args.threads), "--runs", str(args.runs)]
+        model_runs = [8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000)]
+        out = args.workdir / "folder-out"
+        runs = {}
+        if args.before_src is not None:
+            runs["before png"] = _cli_run(args.before_src, prepared, images, out, args.threads, [])
+        runs["after png"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "png"])
+        runs["after jpg"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "jpg"])
+        # the model again after the commands: on a shared machine the load drifts; the mean of both is the reference
+        model_runs.append(8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000))
+        model_ips = statistics.mean(model_runs)
+        for name, r in runs.items():
+            print(
+                f"{model} {name}: {r['ips']:.1f} images/s (model {model_ips:.1f}), {r['rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
+        rows.append((model, model_ips, runs))
+        print(
+            f"{model}: model batch 8 before/after the commands {model_runs[0]:.1f} / {model_runs[1]:.1f}",
+            file=sys.stderr,
+        )
+    rss = {}
+    if args.rss_images:
+        cheap = args.workdir / "mobilenet_v3_large.gradcam.onnx"
+        big = _jpegs(args.workdir / f"jpegs500x375-{args.rss_images}", args.rss_images)
+        for name, folder in ((args.images, images), (args.rss_images, big)):
+            rss[name] = _cli_run(ROOT, cheap, folder, args.workdir / "folder-out", args.threads, ["--format", "jpg"])
+    load_after = os.getloadavg()[0]
+    lines = [
+        f"Command: `{command.strip()}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
+        f"sessions: load average {load_before:.1f} before, {load_after:.1f} after), {args.threads} intra-op threads, "
+        f"Python {platform.python_version()}, onnxruntime {_ort_version()}",
+        "",
+        f"Whole `explain` command (start-up included) on {args.images} JPEGs of 500x375, --batch-size 8, against "
+        "the prepared model's batch-8 images/s (fresh process, random input, as (b); the mean of one measurement "
+        "before and one after the commands); peak RSS of the command.",
+        "",
+        "| model | model batch 8 (images/s) | CLI | images/s | CLI / model | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, model_ips, runs in rows:
+        for name, r in runs.items():
+            lines.append(
+                f"| {model} | {model_ips:.1f} | {name} | {r['ips']:.1f} | {r['ips'] / model_ips:.2f} | "
+                f"{r['rss_mb']:.0f} |"
+            )
+    if rss:
+        lines += ["", "| mobilenet_v3_large, after, jpg | images/s | peak RSS (MB) |", "|---|---|---|"]
+        lines += [f"| {n} images | {r['ips']:.1f} | {r['rss_mb']:.0f} |" for n, r in rss.items()]
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -28,6 +28,7 @@ from .._version import __version__
 from ..errors import BadInputError, OnnxGradCamError
 from ..explain.images import load_image
 from ..explain.overlay import COLORMAPS, overlay
+from ..explain.pipeline import encode
 from .batcher import Batcher
 from .models import ServedModel
 from .tensors import decode_request, encode_response
@@ -250,9 +251,7 @@ def _option(options: dict[str, str], key: str, kind: type, default: Any) -> Any:
 
 
 def _overlay_png(image: Image.Image, cam: np.ndarray, colormap: str, alpha: float) -> bytes:
-    png = io.BytesIO()
-    overlay(image, cam, colormap, alpha).save(png, format="PNG")
-    return png.getvalue()
+    return encode(overlay(image, cam, colormap, alpha), "png")
 
 
 async def explain(request: Request) -> Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -615,3 +616,17 @@ def backward_plain(nodes: list[onnx.NodeProto], target: str) -> set[str]:
         if any(o in reached for o in node.output if o):
             reached.update(i for i in node.input if i)
     return reached
+
+
+def list_layers(model: str | os.PathLike[str], reduction_layer: str | None = None) -> tuple[str, list[Candidate]]:
+    """(score tensor, feature-map candidates shallowest first; `default` marks prepare's choice) of a model file."""
+    from .load import load_model, upgrade_opset
+    from .shapes import infer_all
+
+    proto = upgrade_opset(load_model(model))
+    info = TensorInfo(infer_all(proto).graph, constants_from=proto.graph)
+    graph = proto.graph
+    reduction = (
+        resolve(graph, reduction_layer, "reduction layer") if reduction_layer else default_reduction(graph, info)
+    )
+    return reduction, candidates(graph, info, reduction)

@@ -1,0 +1,266 @@
+"""The folder pipeline of `explain` (explain/pipeline.py): the same maps as Explainer.explain, a fixed order,
+resuming after a kill, Parquet output, cheaper overlays, and a light start-up."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from onnx_gradcam import Explainer, prepare
+from onnx_gradcam.cli import main
+from onnx_gradcam.explain.overlay import COLORMAPS, overlay, overlay_float
+from onnx_gradcam.explain.pipeline import Job, Reader, RenderOptions, explain_files
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "models" / "demo.onnx"
+SAMPLES = ROOT / "models" / "samples"
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """n JPEGs: the demo's shapes turned by different angles on different greys (different classes and maps)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rs = np.random.RandomState(0)
+    shapes = sorted(SAMPLES.glob("*.png"))
+    paths = []
+    for i in range(n):
+        img = Image.open(shapes[i % len(shapes)]).convert("RGB")
+        img = img.rotate(i * 7, fillcolor=(int(rs.randint(256)),) * 3).resize((200 + i % 5 * 30, 180))
+        paths.append(folder / f"img{i:03d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def output_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "predictions.jsonl"}
+
+
+def test_folder_maps_equal_a_plain_explain_bit_for_bit(tmp_path: Path) -> None:
+    files = make_images(tmp_path / "in", 11)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not a picture")  # skipped; the batches after it still match
+    code, _, err = run("explain", str(DEMO), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4")
+    assert code == 1 and "broken.jpg" in err and "explained 11 of 12" in err
+    entries = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(str(e["file"])).name for e in entries] == [f.name for f in files]  # the files' order
+    # the pipeline's batches are [broken, img000..img002], [img003..img006], ...: the same rows per run
+    exp = Explainer(DEMO, device="cpu", batch_size=4)
+    ref = [exp.explain(files[:3]), exp.explain(files[3:7]), exp.explain(files[7:])]
+    raws = np.concatenate([r.raw for r in ref])
+    targets = np.concatenate([r.targets for r in ref])
+    scores = np.concatenate([r.scores for r in ref])
+    assert len(set(targets.tolist())) >= 2  # several classes: a mix-up of rows would show
+    for i, e in enumerate(entries):
+        assert e["class"] == int(targets[i]) and e["score"] == float(scores[i])
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / str(e["raw_map"])), raws[i])
+
+
+def test_order_and_outputs_do_not_depend_on_threads(tmp_path: Path) -> None:
+    files = make_images(tmp_path / "in", 9)
+    exp = Explainer(DEMO, device="cpu", batch_size=2)
+    outs = []
+    for threads in (1, 4):
+        out = tmp_path / f"out{threads}"
+        out.mkdir()
+        summary = explain_files(
+            exp,
+            Reader(exp),
+            files,
+            out,
+            Job(top_k=2),
+            RenderOptions(),
+            batch_size=2,
+            read_threads=threads,
+            render_threads=threads,
+        )
+        assert summary.explained == 9 and summary.entries == 18
+        outs.append(output_files(out))
+    assert outs[0] == outs[1]
+    entries = json.loads(outs[0]["predictions.json"])
+    assert [(Path(str(e["file"])).name, e["rank"]) for e in entries] == [(f.name, r) for f in files for r in (1, 2)]
+    # the per-batch steps a worker runs (decoded pictures -> rows and encoded files) give the same bytes
+    from onnx_gradcam.explain.images import load_image
+    from onnx_gradcam.explain.pipeline import decoded_image, explain_and_render
+
+    batch = [decoded_image(exp, str(f), f.stem, load_image(f)) for f in files[:2]]
+    rendered = explain_and_render(exp, batch, Job(top_k=2))
+    assert [e for r in rendered for e in r.entries] == entries[:4]
+    assert all(outs[0][name] == data for r in rendered for name, data in r.files.items())
+    assert len([n for r in rendered for n in r.files]) == 8  # overlay and raw map per input and rank
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict[str, str]]:
+    """A prepared demo model, 40 images and the uninterrupted run over them (folder 'whole')."""
+    base = tmp_path_factory.mktemp("resume")
+    prepare(DEMO, base / "demo.gradcam.onnx")
+    make_images(base / "in", 40)
+    cmd = [sys.executable, "-m", "onnx_gradcam.cli", "explain", "demo.gradcam.onnx", "in", "--batch-size", "1"]
+    cmd += ["--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([*cmd, "-o", "whole"], cwd=base, env=env, check=True, capture_output=True)
+    return base, cmd, env
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
+    folder_run: tuple[Path, list[str], dict[str, str]], how: int
+) -> None:
+    base, cmd, env = folder_run
+    cut = base / f"cut{how}"
+    proc = subprocess.Popen([*cmd, "-o", cut.name], cwd=base, env=env, stderr=subprocess.PIPE, text=True)
+    journal = cut / "predictions.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and journal.read_bytes().count(b"\n") >= 3:
+            proc.send_signal(how)
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run ended before it was interrupted"
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "--resume" in err
+    done = journal.read_text().splitlines()
+    assert 3 <= len(done) < 40 and not (cut / "predictions.json").exists()
+    for p in cut.iterdir():  # every visible file is whole: a finished file is renamed from a hidden one
+        if p.suffix == ".png":
+            Image.open(p).load()
+        elif p.suffix == ".npy":
+            np.load(p)
+    for line in done:  # what the journal names exists
+        assert (cut / json.loads(line)["overlay"]).is_file()
+    again = subprocess.run([*cmd, "-o", cut.name, "--resume"], cwd=base, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"({len(done)} from an earlier run)" in again.stderr
+    assert output_files(cut) == output_files(base / "whole")  # predictions.json and every file, byte for byte
+    assert not [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_formats_no_overlay_and_no_raw(tmp_path: Path) -> None:
+    files = make_images(tmp_path / "in", 3)
+    code, _, err = run("explain", str(DEMO), *map(str, files), "-o", str(tmp_path / "jpg"), "--format", "jpg")
+    assert code == 0, err
+    entries = json.loads((tmp_path / "jpg" / "predictions.json").read_text())
+    for e, f in zip(entries, files):
+        shown = Image.open(tmp_path / "jpg" / str(e["overlay"]))
+        assert shown.format == "JPEG" and shown.size == Image.open(f).size
+        exp = Explainer(DEMO, device="cpu")
+        want = np.asarray(overlay(Image.open(f).convert("RGB"), exp.explain([f]).maps[0]), np.float64)
+        assert np.abs(np.asarray(shown.convert("RGB"), np.float64) - want).mean() < 4  # lossy, quality 90
+    code, _, err = run(
+        "explain", str(DEMO), str(files[0]), "-o", str(tmp_path / "bare"), "--no-overlay", "--no-save-raw"
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["predictions.json", "predictions.jsonl"]
+    (entry,) = json.loads((tmp_path / "bare" / "predictions.json").read_text())
+    assert entry["overlay"] is None and entry["raw_map"] is None and entry["class"] == entries[0]["class"]
+
+
+def test_parquet_holds_the_maps_and_predictions(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    files = make_images(tmp_path / "in", 5)
+    code, _, err = run(
+        "explain", str(DEMO), str(tmp_path / "in"), "-o", str(tmp_path / "pq"), "--output-format", "parquet"
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == ["predictions.parquet"]
+    table = pq.read_table(tmp_path / "pq" / "predictions.parquet").to_pylist()
+    ref = Explainer(DEMO, device="cpu").explain(files)
+    assert [Path(r["file"]).name for r in table] == [f.name for f in files]
+    for i, row in enumerate(table):
+        assert row["class"] == int(ref.targets[i]) and row["score"] == float(ref.scores[i])
+        np.testing.assert_array_equal(np.asarray(row["map"], np.float32).reshape(row["map_shape"]), ref.maps[i])
+        np.testing.assert_array_equal(np.asarray(row["raw_map"], np.float32).reshape(row["raw_shape"]), ref.raw[i])
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO(row["overlay"]))),
+            np.asarray(overlay(Image.open(files[i]).convert("RGB"), ref.maps[i])),
+        )
+    code, _, err = run(
+        "explain", str(DEMO), str(files[0]), "-o", str(tmp_path / "pq"), "--output-format", "parquet", "--resume"
+    )
+    assert code == 1 and "--resume works with --output-format files" in err
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    code, _, err = run(
+        "explain", str(DEMO), str(SAMPLES / "star.png"), "-o", str(tmp_path), "--output-format", "parquet"
+    )
+    assert code == 1 and err.strip().splitlines()[-1].startswith("error: --output-format parquet needs pyarrow")
+    assert "pip install 'onnx-gradcam[parquet]'" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_lookup_table_overlay_is_within_2_levels_of_the_float_one() -> None:
+    rs = np.random.RandomState(0)
+    image = Image.fromarray(rs.randint(0, 256, (75, 100, 3), np.uint8))
+    worst: dict[str, int] = {}
+    for colormap in COLORMAPS:
+        for alpha in (0.0, 0.3, 0.5, 1.0):
+            for _ in range(3):
+                cam = rs.rand(7, 7).astype(np.float32)
+                new = np.asarray(overlay(image, cam, colormap, alpha), np.int64)
+                old = np.asarray(overlay_float(image, cam, colormap, alpha), np.int64)
+                key = f"{colormap}@{alpha}"
+                worst[key] = max(worst.get(key, 0), int(np.abs(new - old).max()))
+    # the default (jet at 0.5) and every map but turbo: 2 levels; turbo's polynomial is steeper (5 at alpha 1)
+    assert worst["jet@0.5"] <= 2 and worst["jet@0.0"] == 0
+    assert max(v for k, v in worst.items() if not k.startswith("turbo")) <= 2
+    assert max(v for k, v in worst.items() if k.startswith("turbo")) <= 5
+
+
+def _imported(*argv: str) -> set[str]:
+    code = (
+        "import sys\nfrom onnx_gradcam.cli import main\n"
+        f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass\n"
+        "print('MODULES', ' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return set(out.stdout.splitlines()[-1].split()[1:])
+
+
+def test_help_and_layers_do_not_import_onnxruntime() -> None:
+    assert not _imported("--help") & {"onnxruntime", "onnx", "numpy", "PIL"}
+    assert not _imported("explain", "--help") & {"onnxruntime", "onnx", "numpy", "PIL"}
+    layers = _imported("layers", str(DEMO))
+    assert "onnx" in layers and "onnxruntime" not in layers
+
+
+def test_import_keeps_public_names_and_stays_light() -> None:
+    code = (
+        "import sys, onnx_gradcam\nlight = 'onnxruntime' not in sys.modules and 'numpy' not in sys.modules\n"
+        "names = [getattr(onnx_gradcam, n).__name__ if hasattr(getattr(onnx_gradcam, n), '__name__') else n "
+        "for n in onnx_gradcam.__all__]\nprint(light, len(names) == len(onnx_gradcam.__all__) == 21)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_cli_choices_are_the_tables_they_name() -> None:
+    from onnx_gradcam import cli
+    from onnx_gradcam.explain.pipeline import FORMATS
+    from onnx_gradcam.explain.preprocess import RESAMPLE
+    from onnx_gradcam.surgery.layout import CHOICES
+    from onnx_gradcam.surgery.methods import METHODS
+    from onnx_gradcam.surgery.prepare import CLASS_INPUTS, PRESETS
+
+    assert cli.COLORMAP_NAMES == tuple(COLORMAPS) and cli.RESAMPLE_NAMES == tuple(RESAMPLE)
+    assert cli.METHOD_NAMES == tuple(METHODS) and cli.CLASS_INPUT_NAMES == tuple(CLASS_INPUTS)
+    assert cli.PRESET_NAMES == tuple(PRESETS) and cli.LAYOUT_NAMES == tuple(CHOICES)
+    assert cli.FORMAT_NAMES == tuple(FORMATS)
