@@ -262,7 +262,8 @@ def _list_uri(uri: str, known: Any) -> tuple[Any, list[str]]:
 
 def output_names(files: Sequence[str]) -> list[str]:
     """File stems, made unique in order, as the CLI names outputs (sub/cat.jpg, cat.png -> cat, cat-2)."""
-    names, used = [], {}
+    names: list[str] = []
+    used: dict[str, int] = {}
     for f in files:
         stem = PurePosixPath(f.replace("\\", "/")).stem
         used[stem] = used.get(stem, 0) + 1
@@ -295,7 +296,8 @@ class ExplainToFiles(ExplainBatch):
                 rows["order"].append(order)
                 rows["entries"].append("")
                 rows["error"].append(str(err).splitlines()[0])
-        for decoded, rendered in zip(good, explain_and_render(self.explainer, good, self.job, self.render)):
+        done = explain_and_render(self.explainer, good, self.job, self.render) if good else []
+        for decoded, rendered in zip(good, done):
             self.write(rendered, decoded.name)
             rows["order"].append(self.names_by_file[decoded.file])
             rows["entries"].append(json.dumps(rendered.entries))
@@ -380,10 +382,10 @@ def connect(address: str | None, workers: int, num_cpus: float) -> None:
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable: join that cluster
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     else:
         cpus = max(os.cpu_count() or 1, int(np.ceil(workers * num_cpus + 1)))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 

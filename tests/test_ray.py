@@ -89,6 +89,11 @@ def test_cli_on_ray_writes_what_the_cli_writes(cluster, tmp_path: Path, monkeypa
             assert on_ray[name] == plain[name], name
     entries = json.loads(plain["predictions.json"])
     assert [(e["file"], e["rank"]) for e in entries][:2] == [("imgs/circle.png", 1), ("imgs/circle.png", 2)]
+    # --resume through Ray: the journal's finished inputs are not sent again, predictions.json is the same
+    (tmp_path / "onray" / "predictions.json").unlink()
+    code, again = _cli("explain", str(DEMO), "imgs", "-o", "onray", "--top-k", "2", "--ray", "--resume")
+    assert code == 1 and "explained 6 of 7 images (6 from an earlier run)" in again, again
+    assert _files(tmp_path / "onray")["predictions.json"] == plain["predictions.json"]
 
 
 def test_explain_dataset_maps_equal_the_explainer_and_round_trip_parquet(cluster, tmp_path: Path) -> None:
