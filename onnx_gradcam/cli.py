@@ -13,6 +13,7 @@ from .errors import OnnxGradCamError
 
 if TYPE_CHECKING:
     from .api import Explainer
+    from .explain.pipeline import Job, Reader, RenderOptions
     from .surgery.prepare import Preprocess
 
 # The option choices, spelled out so that --help imports neither numpy nor onnx; tests/test_pipeline.py
@@ -454,6 +455,19 @@ Examples:
     help="files: overlays, .npy maps and predictions.json; parquet: one predictions.parquet of predictions, "
     "maps, raw maps and overlay bytes (needs pyarrow: the parquet extra).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster (the ray extra): ADDRESS ('auto', host:port, ray://...) or, alone, a local one. "
+    "INPUTS may then be URIs Ray reads (s3://, gs://, file://); -o must be a folder every node sees.",
+)
+@click.option(
+    "--workers", type=click.IntRange(1), default=1, show_default=True, help="With --ray: actors, one session each."
+)
 def explain_cmd(
     model: Path,
     inputs: tuple[str, ...],
@@ -485,6 +499,8 @@ def explain_cmd(
     save_raw: bool,
     resume: bool,
     output_format: str,
+    ray_address: str | None,
+    workers: int,
 ) -> None:
     """Explain images (files, folders, globs) with MODEL, prepared or plain.
 
@@ -539,6 +555,10 @@ def explain_cmd(
             )
         job = Job(target, top_k, method, SeedSpec(explainer, target, region, box_index))
         reader = Reader(explainer, byte_count, pad)
+        if ray_address is not None:
+            ray_options = (ray_address, workers, batch_size, threads, device, resume, output_format)
+            _explain_on_ray(explainer, reader, job, options, inputs, output_dir, *ray_options)
+            return
         files, problems = collect_inputs(inputs, reader.suffixes, exclude=output_dir)
         if not files:
             why = (
@@ -573,6 +593,65 @@ def explain_cmd(
         err=True,
     )
     if summary.failed or problems:
+        sys.exit(1)
+
+
+def _explain_on_ray(
+    explainer: Explainer,
+    reader: Reader,
+    job: Job,
+    options: RenderOptions,
+    inputs: tuple[str, ...],
+    output_dir: Path,
+    address: str,
+    workers: int,
+    batch_size: int,
+    threads: int | None,
+    device: str,
+    resume: bool,
+    output_format: str,
+) -> None:
+    """`explain --ray`: the same files as without it, written by the workers (onnx_gradcam/ray.py)."""
+    if (job.seeds is not None and job.seeds.active) or reader.noun != "images" or reader.byte_count is not None:
+        raise _Failure("--ray explains images with class targets: to fix this, leave out --ray for this model")
+    if output_format != "files":
+        raise _Failure(
+            "--ray writes files: to fix this, leave out --output-format parquet, or write Parquet from Python with "
+            "onnx_gradcam.ray.explain_dataset(...).write_parquet(...)"
+        )
+    try:
+        from . import ray as on_ray
+    except ImportError as exc:
+        raise _Failure(f"--ray needs the ray extra ({exc}): to fix this, pip install 'onnx-gradcam[ray]'") from None
+    explainer.checked_method(job.method)
+    listed = on_ray.list_inputs(inputs, exclude=output_dir)
+    if not listed.paths:
+        why = f" ({listed.problems[0]})" if listed.problems else ""
+        raise _Failure(f"no inputs to explain{why}: to fix this, pass image files, folders, globs or URIs")
+    for p in listed.problems:
+        click.echo(f"skipped: {p}", err=True)
+    _make_dir(output_dir)
+    on_ray.connect(address or None, workers, float(threads or 1))
+    click.echo(f"explaining {len(listed.paths)} images on Ray with {workers} workers", err=True)
+    summary = on_ray.explain_files(
+        explainer,
+        listed,
+        output_dir,
+        job,
+        options,
+        batch_size=batch_size,
+        threads=threads or 1,
+        device=device,
+        workers=workers,
+        num_cpus=float(threads or 1),
+        num_gpus=1 if device == "cuda" else None,
+        resume=resume,
+    )
+    for line in summary.failed:
+        click.echo(f"skipped: {line}", err=True)
+    resumed = f" ({summary.resumed} from an earlier run)" if summary.resumed else ""
+    click.echo(f"explained {summary.explained} of {len(listed.paths)} images{resumed}; wrote {output_dir}", err=True)
+    if summary.failed or listed.problems:
         sys.exit(1)
 
 
