@@ -245,7 +245,7 @@ def test_import_keeps_public_names_and_stays_light() -> None:
     code = (
         "import sys, onnx_gradcam\nlight = 'onnxruntime' not in sys.modules and 'numpy' not in sys.modules\n"
         "names = [getattr(onnx_gradcam, n).__name__ if hasattr(getattr(onnx_gradcam, n), '__name__') else n "
-        "for n in onnx_gradcam.__all__]\nprint(light, len(names) == len(onnx_gradcam.__all__) == 21)"
+        "for n in onnx_gradcam.__all__]\nprint(light, len(names) == len(onnx_gradcam.__all__) == 23)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
