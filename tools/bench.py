@@ -401,11 +401,14 @@ def _cli_run(src: Path, model: Path, images: Path, out: Path, threads: int, extr
 
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(src)}
+    model, images, out = model.resolve(), images.resolve(), out.resolve()
     cmd = [sys.executable, "-m", "onnx_gradcam.cli", "explain", str(model), str(images), "-o", str(out)]
     cmd += ["--device", "cpu", "--batch-size", "8", "--threads", str(threads), *extra]
     n = len(list(images.glob("*.jpg")))
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd=src: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH, so from
+    # this checkout's root the 'before' command would run this checkout's package
+    proc = subprocess.Popen(cmd, env=env, cwd=src, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # VmHWM of the command itself, read while it runs (ru_maxrss would count the fork of this process)
     hwm = 0
     status_file = Path(f"/proc/{proc.pid}/status")
