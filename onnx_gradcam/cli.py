@@ -40,6 +40,18 @@ METRIC_SUMMARIES = (
 )
 
 
+# options several commands share
+DEVICE_OPTION = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="auto: CUDA when onnxruntime can load it, else the CPU.",
+)
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores)."
+)
+
 EXAMPLES_PREPARE = """
 \b
 Examples:
@@ -403,14 +415,8 @@ Examples:
 @click.option(
     "--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images per onnxruntime run."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA when onnxruntime can load it, else the CPU.",
-)
-@click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
+@DEVICE_OPTION
+@THREADS_OPTION
 @click.option(
     "--bytes",
     "byte_count",
@@ -784,14 +790,8 @@ METRICS_EVALUATE = "\n\b\nMetrics (--metric NAME):\n" + "\n".join(
 @click.option(
     "--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Inputs per onnxruntime run."
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA when onnxruntime can load it, else the CPU.",
-)
-@click.option("--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads (default: all cores).")
+@DEVICE_OPTION
+@THREADS_OPTION
 @click.option("--no-verify", is_flag=True, help="A plain MODEL is prepared in memory: skip prepare's self-check.")
 def evaluate_cmd(
     model: Path,
@@ -897,13 +897,7 @@ Examples:
     show_default=True,
     help="Longest a request may take, queueing included (then 504).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="auto: CUDA when onnxruntime can load it, else the CPU.",
-)
+@DEVICE_OPTION
 @click.option(
     "--threads", type=click.IntRange(1, 1024), help="onnxruntime intra-op threads per model (default: all cores)."
 )
