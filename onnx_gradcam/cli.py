@@ -814,7 +814,7 @@ def evaluate_cmd(
     scored by deletion/insertion, Average Drop, confidence change, ROAD, the pointing games, the
     Grad-CAM paper's localisation and the cascading-randomisation sanity check, each with its
     reference's defaults, every choice recorded. Writes metrics.json and a self-contained
-    report.html (pip install 'onnx-gradcam[evaluate]': scipy for ROAD, matplotlib for the report).
+    report.html (pip install 'onnx-gradcam[evaluate]': scipy and qdldl for ROAD, matplotlib for the report).
     On any error nothing is written.
     """
     from .evaluation.run import evaluate
