@@ -267,3 +267,42 @@ def test_cli_choices_are_the_tables_they_name() -> None:
     from onnx_gradcam.evaluation.run import METRICS
 
     assert cli.METRIC_SUMMARIES == tuple((name, spec.summary) for name, spec in METRICS.items())
+
+
+def test_fast_png_decodes_to_the_same_pixels_in_every_mode_and_size() -> None:
+    from onnx_gradcam.explain.png import encode_png
+
+    rs = np.random.RandomState(1)
+    for mode, channels in (("L", 1), ("RGB", 3), ("RGBA", 4)):
+        for h, w in ((1, 1), (1, 7), (9, 1), (37, 53)):
+            for kind in ("noise", "flat", "ramp"):
+                shape = (h, w) if channels == 1 else (h, w, channels)
+                if kind == "noise":
+                    a = rs.randint(0, 256, shape).astype(np.uint8)
+                elif kind == "flat":
+                    a = np.full(shape, 255, np.uint8)
+                else:  # wraps around 255 -> 0 between rows: the Up filter's modulo arithmetic
+                    a = ((np.arange(h * w * channels) * 37) % 256).astype(np.uint8).reshape(shape)
+                data = encode_png(Image.fromarray(a, mode))
+                with Image.open(io.BytesIO(data)) as back:
+                    back.load()  # Pillow checks every chunk's CRC while reading
+                    assert back.format == "PNG" and back.mode == mode and back.size == (w, h)
+                    assert np.array_equal(np.asarray(back), a), (mode, h, w, kind)
+    # modes the fast path does not cover go through Pillow's encoder, still lossless
+    p = Image.fromarray(rs.randint(0, 4, (5, 6)).astype(np.uint8), "L").convert("P")
+    with Image.open(io.BytesIO(encode_png(p))) as back:
+        assert back.mode == "P" and np.array_equal(np.asarray(back), np.asarray(p))
+
+
+def test_fast_png_is_as_small_as_pillows_on_an_overlay_and_much_smaller_on_a_flat_plot() -> None:
+    from onnx_gradcam.explain.png import encode_png
+
+    rs = np.random.RandomState(0)
+    photo = Image.fromarray(rs.randint(0, 256, (12, 16, 3), np.uint8)).resize((500, 375), Image.Resampling.BICUBIC)
+    shown = overlay(photo, rs.rand(7, 7).astype(np.float32))
+    pillow = io.BytesIO()
+    shown.save(pillow, format="PNG", compress_level=1)
+    assert len(encode_png(shown)) <= 1.1 * len(pillow.getvalue())
+    plot = Image.new("RGB", (800, 300), "white")
+    plot.paste((30, 30, 200), (100, 100, 700, 110))
+    assert len(encode_png(plot)) < 0.01 * 800 * 300 * 3  # run lengths: a flat background costs little

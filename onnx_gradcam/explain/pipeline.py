@@ -24,6 +24,7 @@ from ..errors import BadInputError, OnnxGradCamError
 from .explainer import Explainer, ExplainResult
 from .images import IMAGE_SUFFIXES, load_image
 from .overlay import guided_image, overlay
+from .png import encode_png
 from .seeds import box_seed, output_seed, region_seed
 from .signals import SIGNAL_SUFFIXES, load_signal, plot_signal
 from .tokens import array_picture, load_array, load_bytes, plot_tokens
@@ -40,7 +41,7 @@ PARQUET = "predictions.parquet"
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How results are drawn and saved. format: png (lossless, zlib level 1), jpg or webp (with quality)."""
+    """How results are drawn and saved. format: png (lossless, explain/png.py), jpg or webp (with quality)."""
 
     colormap: str = "jet"
     alpha: float = 0.5
@@ -294,13 +295,12 @@ def picture(explainer: Explainer, shown: Any, cam: np.ndarray, options: RenderOp
 
 
 def encode(image: Image.Image, fmt: str = "png", quality: int = 90) -> bytes:
-    """An image as PNG (lossless, zlib level 1: the fastest level, same pixels), JPEG or WebP bytes."""
-    buf = io.BytesIO()
+    """An image as PNG (lossless: explain/png.py's fixed-filter encoder), JPEG or WebP bytes."""
     if fmt == "png":
-        image.save(buf, format="PNG", compress_level=1)
-    else:
-        img = image if image.mode in ("RGB", "L") else image.convert("RGB")
-        img.save(buf, format=FORMATS[fmt], quality=quality)
+        return encode_png(image)
+    buf = io.BytesIO()
+    img = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    img.save(buf, format=FORMATS[fmt], quality=quality)
     return buf.getvalue()
 
 
