@@ -18,7 +18,7 @@ from onnx_gradcam.evaluation.faithfulness import (
     deletion_insertion,
     rise_kernel,
 )
-from onnx_gradcam.evaluation.road import impute, road
+from onnx_gradcam.evaluation.road import impute, imputed_stream, road
 from onnx_gradcam.explain.explainer import Explainer
 
 from .demo_set import DEMO, demo_set
@@ -282,3 +282,25 @@ def test_metrics_record_their_choices(twin) -> None:  # type: ignore[no-untyped-
         for key in ("score", "space", "reference"):
             assert key in res.settings, (res.name, key)
         assert json.loads(json.dumps(res.to_json()))["settings"] == json.loads(json.dumps(res.settings))
+
+
+def test_threaded_imputation_stream_equals_imputing_one_job_after_another() -> None:
+    # the solves run in threads, ahead and out of order; the noise must still be drawn in job order
+    rs = np.random.RandomState(5)
+    jobs = []
+    for k in range(7):
+        values = rs.rand(3, 30, 30).astype(np.float32)
+        keep = rs.rand(30, 30) > (0.9, 0.5, 0.1)[k % 3]
+        if k == 3:
+            keep[:] = True  # nothing removed
+        if k == 5:
+            keep[:] = False  # everything removed: the fill plus noise
+        jobs.append((values, keep))
+    fill = np.array([0.1, 0.2, 0.3])
+    rng = np.random.default_rng(11)
+    one_by_one = [impute(v, k, 0.01, rng, fill) for v, k in jobs]
+    threaded = list(imputed_stream(iter(jobs), 0.01, np.random.default_rng(11), fill, workers=3, ahead=4))
+    assert len(threaded) == len(jobs)
+    for a, b in zip(one_by_one, threaded):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(threaded[5].mean(axis=(1, 2)), fill, atol=0.003)
