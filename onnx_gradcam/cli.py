@@ -451,7 +451,7 @@ Examples:
     "--resume",
     is_flag=True,
     help="Skip inputs that an earlier, interrupted run into the same folder finished (predictions.jsonl, the "
-    "journal every run appends to, names them); give the same options as that run.",
+    "journal every run appends to, names them); another model or other options than that run's are refused.",
 )
 @click.option(
     "--output-format",

@@ -31,6 +31,7 @@ from .explain.pipeline import (
     decoded_image,
     explain_and_render,
     remove_stale_temporaries,
+    run_settings,
     write_rendered,
 )
 
@@ -338,7 +339,7 @@ def explain_files(
     prepared model is what the actors run (put in the object store once: one load per actor)."""
     out = Path(folder)
     remove_stale_temporaries(out)
-    sink = FileSink(out, resume)
+    sink = FileSink(out, resume, run_settings(explainer, job, render))
     shown = [listed.names[p][2] for p in listed.paths]
     todo = [p for p in listed.paths if listed.names[p][2] not in sink.done]
     sources = frozenset(Path(p).resolve() for p in listed.paths) if listed.filesystem is None else frozenset()

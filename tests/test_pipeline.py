@@ -126,7 +126,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     journal = cut / "predictions.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_file() and journal.read_bytes().count(b"\n") >= 3:
+        if journal.is_file() and journal.read_bytes().count(b"\n") >= 4:  # the settings line and 3 inputs
             proc.send_signal(how)
             break
         time.sleep(0.002)
@@ -134,8 +134,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     assert proc.returncode != 0, "the run ended before it was interrupted"
     if how == signal.SIGINT:
         assert proc.returncode == 130 and "--resume" in err
-    done = journal.read_text().splitlines()
-    assert 3 <= len(done) < 40 and not (cut / "predictions.json").exists()
+    settings, *done = journal.read_text().splitlines()
+    assert "run" in json.loads(settings) and 3 <= len(done) < 40 and not (cut / "predictions.json").exists()
     for p in cut.iterdir():  # every visible file is whole: a finished file is renamed from a hidden one
         if p.suffix == ".png":
             Image.open(p).load()
@@ -148,6 +148,38 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(
     assert f"({len(done)} from an earlier run)" in again.stderr
     assert output_files(cut) == output_files(base / "whole")  # predictions.json and every file, byte for byte
     assert not [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_refuses_a_folder_from_a_run_with_other_options(
+    folder_run: tuple[Path, list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    """Resuming with another method, format, target or model would mix two runs' outputs in one
+    predictions.json: it is refused in one line, and the folder is left as it was."""
+    base, cmd, env = folder_run
+    cut = tmp_path / "cut"
+    subprocess.run([*cmd, "-o", str(cut), "--top-k", "2"], cwd=base, env=env, check=True, capture_output=True)
+    (cut / "predictions.json").unlink()  # as if interrupted before the end
+    before = {p.name: p.read_bytes() for p in cut.iterdir()}
+    other = base / "other.gradcam.onnx"
+    if not other.exists():
+        prepare(DEMO, other, counterfactual=True)  # the same network, prepared otherwise
+    changes = {
+        "top_k was 2, now 3": ["--top-k", "3"],
+        'render.format was "png", now "jpg"': ["--top-k", "2", "--format", "jpg"],
+        'target was null, now "1"': ["--class", "1"],
+        'model.counterfactual was "false", now "true"': ["--top-k", "2", "--model-swap"],
+    }
+    for key, extra in changes.items():
+        args = [*cmd, "-o", str(cut), "--resume", *extra]
+        if "--model-swap" in extra:
+            args = [a if a != "demo.gradcam.onnx" else str(other) for a in args if a != "--model-swap"]
+        again = subprocess.run(args, cwd=base, env=env, capture_output=True, text=True)
+        assert again.returncode != 0, key
+        last = again.stderr.strip().splitlines()[-1]
+        assert f"comes from a run with other options ({key})" in last and "leave out --resume" in last, last
+        assert {p.name: p.read_bytes() for p in cut.iterdir()} == before, key  # nothing written, nothing cut
+    same = subprocess.run([*cmd, "-o", str(cut), "--resume", "--top-k", "2"], cwd=base, env=env, capture_output=True)
+    assert same.returncode == 0 and b"(40 from an earlier run)" in same.stderr
 
 
 def test_formats_no_overlay_and_no_raw(tmp_path: Path) -> None:

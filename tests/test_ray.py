@@ -156,7 +156,9 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(clust
     assert done.explained == len(names) and not done.failed
     entries = json.loads((out / "predictions.json").read_text())
     assert [e["file"] for e in entries] == [(folder / f"{n}.png").as_uri() for n in sorted(names)]
-    journal = [json.loads(line)["file"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    settings, *lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert json.loads(settings)["run"]["render"]["format"] == "png"
+    journal = [json.loads(line)["file"] for line in lines]
     assert sorted(journal) == sorted(e["file"] for e in entries)  # each input once
     ref = exp.explain([load_image(folder / f"{n}.png") for n in sorted(names)])
     expected = {f"{n}.gradcam.c{int(c)}.{ext}" for n, c in zip(sorted(names), ref.targets) for ext in ("png", "npy")}

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .._version import __version__
 from ..errors import BadInputError
-from ..surgery.load import load_model
+from ..surgery.load import file_sha256, load_model
 from ..surgery.prepare import PRESETS, Preprocess, prepare_model, read_metadata
 from .images import load_image
 from .overlay import overlay
@@ -156,7 +156,8 @@ class Explainer:
         self.prepared_in_memory = "method" not in meta
         if self.prepared_in_memory:
             source = proto
-            proto, report = prepare_model(source)
+            sha = "" if isinstance(model, onnx.ModelProto) else file_sha256(model)
+            proto, report = prepare_model(source, source_sha256=sha)
             if verify:
                 verify_prepared(source, proto, report)
             meta = read_metadata(proto)

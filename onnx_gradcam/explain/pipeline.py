@@ -7,6 +7,8 @@ are what the CLI, the server and the Ray adapter share.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -381,19 +383,24 @@ def output_names(files: Sequence[Path]) -> dict[Path, str]:
 class FileSink:
     """Files per input, a JSON Lines journal appended as inputs complete, and a final predictions.json."""
 
-    def __init__(self, folder: Path, resume: bool) -> None:
+    def __init__(self, folder: Path, resume: bool, settings: dict[str, object] | None = None) -> None:
+        """settings (`run_settings`): the journal's first line; --resume refuses a journal with others."""
         self.folder = folder
         self.journal = folder / JOURNAL
         self.done: dict[str, list[dict[str, object]]] = {}
         if resume and self.journal.is_file():
-            self.done = self._read_journal()
+            self.done = self._read_journal(settings)
         elif self.journal.exists():
             self.journal.unlink()
         self._fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if settings is not None and os.fstat(self._fd).st_size == 0:
+            os.write(self._fd, (json.dumps({"run": settings}) + "\n").encode("utf-8"))
 
-    def _read_journal(self) -> dict[str, list[dict[str, object]]]:
+    def _read_journal(self, settings: dict[str, object] | None) -> dict[str, list[dict[str, object]]]:
         """Entries of inputs whose files all exist; a torn last line (a kill mid-write) is cut off."""
         data = self.journal.read_bytes()
+        if settings is not None and data:
+            _check_settings(self.journal, data.split(b"\n", 1)[0], settings)
         good = data[: data.rfind(b"\n") + 1]
         if len(good) != len(data):
             with open(self.journal, "r+b") as f:
@@ -403,6 +410,8 @@ class FileSink:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if "file" not in entry:  # the settings line
                 continue
             found.setdefault(str(entry["file"]), []).append(entry)
         keys = ("overlay", "raw_map", "guided")
@@ -425,6 +434,56 @@ class FileSink:
 
     def abort(self) -> None:
         os.close(self._fd)
+
+
+def run_settings(explainer: Explainer, job: Job, options: RenderOptions) -> dict[str, object]:
+    """What decides a folder run's outputs: the prepared model's metadata (its source's sha256, layer,
+    methods), the input's preprocessing, what is asked and how it is drawn."""
+    seeds = job.seeds
+    labels = json.dumps(list(explainer.labels)) if explainer.labels else ""
+    return {
+        "model": dict(sorted(explainer.metadata.items())),
+        "preprocess": explainer.preprocess.to_json(),
+        "size": list(explainer.size) if explainer.size else None,
+        "layout": explainer.input.layout,
+        "labels_sha256": hashlib.sha256(labels.encode("utf-8")).hexdigest() if labels else None,
+        "target": job.target,
+        "top_k": job.top_k,
+        "method": job.method,
+        "seed": [seeds.cls, seeds.region, seeds.box_index] if seeds is not None and seeds.active else None,
+        "render": dataclasses.asdict(options),
+    }
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any]:
+    """The first key (dotted, into nested dicts) where two settings differ, with both values."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if x != y:
+            if isinstance(x, dict) and isinstance(y, dict):
+                return _first_difference(x, y, f"{prefix}{k}.")
+            return f"{prefix}{k}", x, y
+    return prefix.rstrip("."), a, b
+
+
+def _check_settings(journal: Path, first: bytes, settings: dict[str, object]) -> None:
+    """A --resume must ask what the journal's run asked, or its outputs would mix two runs."""
+    try:
+        earlier = json.loads(first).get("run")
+    except (json.JSONDecodeError, AttributeError):
+        earlier = None
+    now = json.loads(json.dumps(settings))
+    if earlier == now:
+        return
+    if not isinstance(earlier, dict):
+        what = "its journal does not record the run's options"
+    else:
+        key, was, is_ = _first_difference(earlier, now)
+        what = f"{key} was {json.dumps(was)[:60]}, now {json.dumps(is_)[:60]}"
+    raise BadInputError(
+        f"--resume: {journal.parent} comes from a run with other options ({what}): to fix this, give that "
+        "run's model and options, or leave out --resume to start again"
+    )
 
 
 class ParquetSink:
@@ -546,7 +605,11 @@ def explain_files(
         raise BadInputError(f"unknown output format {output_format!r}: to fix this, use files or parquet")
     sources = frozenset(f.resolve() for f in files)
     remove_stale_temporaries(folder)
-    sink: FileSink | ParquetSink = FileSink(folder, resume) if output_format == "files" else ParquetSink(folder, resume)
+    sink: FileSink | ParquetSink = (
+        FileSink(folder, resume, run_settings(explainer, job, options))
+        if output_format == "files"
+        else ParquetSink(folder, resume)
+    )
     names = output_names(files)
     keys = [str(f) for f in files]
     todo = [f for f in files if str(f) not in sink.done]

@@ -96,7 +96,7 @@ class ServedModel:
         dims = shape[1:]
         if not all(isinstance(d, int) and d > 0 for d in dims):
             return None
-        x = np.zeros([max_batch, *dims], spec.numpy_dtype)  # type: ignore[misc]
+        x = np.zeros([max_batch, *dims], spec.numpy_dtype)  # type: ignore[misc,list-item]
         feeds: dict[str, np.ndarray] = {spec.name: x}
         if self.is_seed:
             seed = next((t for t in self.inputs if t.name == "gradcam_seed"), None)
