@@ -193,6 +193,35 @@ def test_demo_int8_maps_follow_the_float_model(form: str, demo_copy: Path, tmp_p
         assert x0 <= px <= x1 and y0 <= py <= y1, f"{form} {name}: peak ({px}, {py}) outside {BOXES[name]['box']}"
 
 
+@pytest.mark.parametrize("form", ["qdq", "qop", "dynamic"])
+def test_sanity_check_randomises_the_int8_weights(form: str, demo_copy: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    """Cascading randomisation on an int8 model: every quantised weight tensor (behind DequantizeLinear
+    in QDQ, an input of QLinearConv/QLinearMatMul or ConvInteger/MatMulInteger otherwise) is randomised
+    in its block, the blocks are the float model's, and the maps decorrelate as the float model's do."""
+    from onnx_gradcam import Explainer
+    from onnx_gradcam.evaluation.base import make_context
+    from onnx_gradcam.evaluation.sanity import cascading_randomisation, source_model
+
+    from .demo_set import demo_set
+
+    names, x = demo_images()
+    quantized = quantize(demo_copy, form, [x[i : i + 1] for i in range(len(names))])
+    images, classes, _ = demo_set(24)
+    exp = Explainer(str(quantized), device="cpu", threads=2)
+    r = cascading_randomisation(exp, make_context(exp, images, truth=classes), seed=0)[0]
+    source = source_model(exp)
+    weights = {  # the quantised kernels and matrices (zero points and scales are 0-D or 1-D)
+        t.name for t in source.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        and len(t.dims) >= 2
+    }  # fmt: skip
+    chosen = {n for names_ in r.settings["block_initializers"].values() for n in names_}
+    record_property("mean_per_block", [round(float(v), 3) for v in r.curves["mean"]])
+    assert len(weights) == 5 and weights <= chosen  # the demo's 4 convs and its Gemm, each in a block
+    assert len(r.settings["blocks"]) == 5
+    assert r.curves["spearman_none"].min() > 0.99  # prepared again, nothing randomised: the same maps
+    assert r.curves["mean"][1] < 0.3  # the last two blocks randomised, as for the float model
+
+
 # -- a quantized segmentation model, explained by a region seed ------------------------------
 
 

@@ -1,5 +1,6 @@
 """Sanity check of maps (Adebayo et al., NeurIPS 2018): cascading randomisation of the model's
-weights from the logits downward, on the ONNX initializers, and the rank correlation of the maps."""
+weights from the logits downward, on the ONNX model's stored weights (float or int8), and the rank
+correlation of the maps."""
 
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "LayerNormalization": (1, 2),
     "GroupNormalization": (1, 2),
     "PRelu": (1,),
+    # int8 operators (onnxruntime's QOperator and dynamic forms): their quantised weights and int32 biases
+    "QLinearConv": (3, 8),
+    "QLinearMatMul": (0, 3),
+    "QGemm": (0, 3, 6),
+    "ConvInteger": (1,),
+    "MatMulInteger": (0, 1),
 }
 FLOAT = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+INTEGER = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32)
 
 
 @dataclass(frozen=True)
@@ -74,11 +82,23 @@ def _scope(name: str, depth: int) -> str:
 
 
 def weight_blocks(model: onnx.ModelProto, depth: int = 2) -> list[Block]:
-    """The weight-bearing nodes of `model` (WEIGHT_INPUTS with float initializer parameters), grouped
+    """The weight-bearing nodes of `model` (WEIGHT_INPUTS with stored parameters: see `stored`), grouped
     by the first `depth` parts of their name scope (0: each node its own block), ordered from the
     output backwards (by each block's last node in the graph's topological order). An initializer
     shared by several blocks goes with the block nearest the output."""
-    inits = {t.name: t for t in model.graph.initializer}
+    tensors = _stored_tensors(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def stored(name: str) -> str | None:
+        """The stored tensor holding a parameter: itself (an initializer or a Constant's value), or
+        the int8 tensor a DequantizeLinear reads (QDQ models); None for a computed input."""
+        if name in tensors:
+            return name
+        node = producers.get(name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[0] in tensors:
+            return node.input[0] if tensors[node.input[0]].data_type in INTEGER else None
+        return None
+
     found: dict[str, tuple[list[str], list[str], int]] = {}
     taken: set[str] = set()
     for index in range(len(model.graph.node) - 1, -1, -1):
@@ -86,9 +106,9 @@ def weight_blocks(model: onnx.ModelProto, depth: int = 2) -> list[Block]:
         if node.op_type not in WEIGHT_INPUTS:
             continue
         params = [
-            node.input[k]
+            held
             for k in WEIGHT_INPUTS[node.op_type]
-            if k < len(node.input) and node.input[k] in inits and inits[node.input[k]].data_type in FLOAT
+            if k < len(node.input) and node.input[k] and (held := stored(node.input[k])) is not None
         ]
         if not params:
             continue
@@ -102,17 +122,40 @@ def weight_blocks(model: onnx.ModelProto, depth: int = 2) -> list[Block]:
     return [Block(k, tuple(reversed(v[0])), tuple(v[1])) for k, v in blocks if v[1]]
 
 
+def _stored_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The graph's stored float and integer tensors by name: initializers and Constant nodes' values."""
+    found = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            found[node.output[0]] = node.attribute[0].t
+    return {k: t for k, t in found.items() if t.data_type in FLOAT + INTEGER}
+
+
+def _random_like(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian values with w's own mean and std; for integer (quantised) w rounded and kept within
+    w's own range, so the quantiser's range (e.g. 7-bit weights) still holds."""
+    values = rng.normal(float(w.mean()), float(w.std()), size=w.shape)
+    if np.issubdtype(w.dtype, np.integer):
+        return np.clip(np.rint(values), int(w.min()), int(w.max())).astype(w.dtype)
+    return values.astype(w.dtype)
+
+
 def randomised(model: onnx.ModelProto, names: set[str], rng: np.random.Generator) -> onnx.ModelProto:
-    """A copy of `model` whose initializers `names` hold Gaussian values with each tensor's own mean
-    and standard deviation (a constant tensor, e.g. a zero bias, stays as it is); the graph untouched."""
+    """A copy of `model` whose stored tensors `names` (initializers, Constant values; int8 ones too)
+    hold Gaussian values with each tensor's own mean and standard deviation (a constant tensor, e.g.
+    a zero bias, stays as it is); the graph untouched. Drawn in the graph's initializer order, then
+    its Constant nodes'."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for k, t in enumerate(out.graph.initializer):
-        if t.name not in names:
-            continue
-        w = numpy_helper.to_array(t)
-        values = rng.normal(float(w.mean()), float(w.std()), size=w.shape).astype(w.dtype)
-        out.graph.initializer[k].CopyFrom(numpy_helper.from_array(values, t.name))
+        if t.name in names:
+            out.graph.initializer[k].CopyFrom(
+                numpy_helper.from_array(_random_like(numpy_helper.to_array(t), rng), t.name)
+            )
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.output[0] in names and node.attribute[0].name == "value":
+            t = node.attribute[0].t
+            t.CopyFrom(numpy_helper.from_array(_random_like(numpy_helper.to_array(t), rng), t.name))
     return out
 
 
@@ -194,8 +237,8 @@ def cascading_randomisation(
     blocks = weight_blocks(source, depth)
     if not blocks:
         raise BadInputError(
-            "the model has no weight-bearing node with float initializer weights (Conv, Gemm, MatMul, "
-            "BatchNormalization...) to randomise: the sanity check cannot run on it (int8 weights are not covered)"
+            "the model has no weight-bearing node (Conv, Gemm, MatMul, BatchNormalization, their int8 forms...) "
+            "with stored weights to randomise: the sanity check cannot run on it"
         )
     if max_blocks is not None:
         blocks = blocks[: max(1, int(max_blocks))]
@@ -226,10 +269,12 @@ def cascading_randomisation(
                 "blocks": [b.name for b in blocks],
                 "block_nodes": {b.name: list(b.nodes) for b in blocks},
                 "block_initializers": {b.name: list(b.initializers) for b in blocks},
-                "grouping": f"weight-bearing nodes ({', '.join(WEIGHT_INPUTS)}) with float initializer "
-                f"parameters, grouped by the first {depth} parts of their name scope, from the output backwards",
-                "randomisation": "cumulative from the logits down; each initializer replaced by Gaussian values "
-                "with its own mean and std (constant tensors stay), BatchNormalization's running mean/var kept, "
+                "grouping": f"weight-bearing nodes ({', '.join(WEIGHT_INPUTS)}) with stored parameters "
+                "(initializers or Constant values, float or int8, or int8 ones behind DequantizeLinear), grouped "
+                f"by the first {depth} parts of their name scope, from the output backwards",
+                "randomisation": "cumulative from the logits down; each stored parameter replaced by Gaussian values "
+                "with its own mean and std (int8: rounded, within its own range; scales and zero points kept; "
+                "constant tensors stay), BatchNormalization's running mean/var kept, "
                 f"numpy default_rng({seed}) drawn in block order; the graph untouched",
                 "model": "the prepared model's forward part, prepared again after each step (same feature "
                 f"layers, reduction tensor and method), prepare's self-check {'on' if verify else 'off'}",
