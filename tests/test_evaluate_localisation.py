@@ -344,3 +344,36 @@ def test_randomised_keeps_graph_and_scale() -> None:
             np.testing.assert_array_equal(w, w0)
     assert not any(p.key.startswith("gradcam.") for p in source.metadata_props)
     onnx.checker.check_model(out)
+
+
+def test_weights_held_in_constant_nodes_are_found_and_randomised() -> None:
+    """Some exporters keep weights in Constant nodes, not initializers: they form blocks as well,
+    and randomising one changes that Constant's value only (the graph otherwise untouched)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((4, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], name="/conv/w", value=numpy_helper.from_array(w, "w")),
+            helper.make_node("Conv", ["x", "w"], ["c"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Constant", [], ["g"], name="/fc/g", value=numpy_helper.from_array(g, "g")),
+            helper.make_node("MatMul", ["f", "g"], ["y"], name="/fc/MatMul"),
+        ],
+        "constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    blocks = weight_blocks(model)
+    assert [(b.name, b.initializers) for b in blocks] == [("/fc", ("g",)), ("/conv", ("w",))]
+    out = randomised(model, {"w"}, np.random.default_rng(0))
+    values = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in out.graph.node if n.op_type == "Constant"}
+    np.testing.assert_array_equal(values["g"], g)
+    assert values["w"].shape == w.shape and not np.allclose(values["w"], w)
+    assert abs(values["w"].std() - w.std()) < 0.2 * w.std()
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+    onnx.checker.check_model(out)
