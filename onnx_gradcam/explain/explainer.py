@@ -14,7 +14,7 @@ from PIL import Image
 
 from .._version import __version__
 from ..errors import BadInputError
-from ..surgery.load import file_sha256, load_model
+from ..surgery.load import load_model
 from ..surgery.prepare import PRESETS, Preprocess, prepare_model, read_metadata
 from .images import load_image
 from .overlay import overlay
@@ -156,12 +156,12 @@ class Explainer:
         self.prepared_in_memory = "method" not in meta
         if self.prepared_in_memory:
             source = proto
-            sha = "" if isinstance(model, onnx.ModelProto) else file_sha256(model)
-            proto, report = prepare_model(source, source_sha256=sha)
+            proto, report = prepare_model(source)
             if verify:
                 verify_prepared(source, proto, report)
             meta = read_metadata(proto)
         self.metadata = meta
+        self.path = None if isinstance(model, onnx.ModelProto) else Path(model)  # the file it was loaded from
         self.reduction = meta["reduction_tensor"]
         outputs = {o.name for o in proto.graph.output}
         if self.reduction not in outputs and meta.get("target", "class") == "class":

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadInputError, OnnxGradCamError
+from ..surgery.load import file_sha256
 from .explainer import Explainer, ExplainResult
 from .images import IMAGE_SUFFIXES, load_image
 from .overlay import guided_image, overlay
@@ -383,7 +384,7 @@ def output_names(files: Sequence[Path]) -> dict[Path, str]:
 class FileSink:
     """Files per input, a JSON Lines journal appended as inputs complete, and a final predictions.json."""
 
-    def __init__(self, folder: Path, resume: bool, settings: dict[str, object] | None = None) -> None:
+    def __init__(self, folder: Path, resume: bool, settings: dict[str, object]) -> None:
         """settings (`run_settings`): the journal's first line; --resume refuses a journal with others."""
         self.folder = folder
         self.journal = folder / JOURNAL
@@ -393,13 +394,13 @@ class FileSink:
         elif self.journal.exists():
             self.journal.unlink()
         self._fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if settings is not None and os.fstat(self._fd).st_size == 0:
+        if os.fstat(self._fd).st_size == 0:
             os.write(self._fd, (json.dumps({"run": settings}) + "\n").encode("utf-8"))
 
-    def _read_journal(self, settings: dict[str, object] | None) -> dict[str, list[dict[str, object]]]:
+    def _read_journal(self, settings: dict[str, object]) -> dict[str, list[dict[str, object]]]:
         """Entries of inputs whose files all exist; a torn last line (a kill mid-write) is cut off."""
         data = self.journal.read_bytes()
-        if settings is not None and data:
+        if data:
             _check_settings(self.journal, data.split(b"\n", 1)[0], settings)
         good = data[: data.rfind(b"\n") + 1]
         if len(good) != len(data):
@@ -438,11 +439,15 @@ class FileSink:
 
 def run_settings(explainer: Explainer, job: Job, options: RenderOptions) -> dict[str, object]:
     """What decides a folder run's outputs: the prepared model's metadata (its source's sha256, layer,
-    methods), the input's preprocessing, what is asked and how it is drawn."""
+    methods; where no source sha256 is recorded, e.g. a plain model prepared in memory, the file's own),
+    the input's preprocessing, what is asked and how it is drawn."""
     seeds = job.seeds
     labels = json.dumps(list(explainer.labels)) if explainer.labels else ""
+    model = dict(sorted(explainer.metadata.items()))
+    if not model.get("source_sha256") and explainer.path is not None:
+        model["source_sha256"] = file_sha256(explainer.path)
     return {
-        "model": dict(sorted(explainer.metadata.items())),
+        "model": model,
         "preprocess": explainer.preprocess.to_json(),
         "size": list(explainer.size) if explainer.size else None,
         "layout": explainer.input.layout,
