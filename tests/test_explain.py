@@ -84,13 +84,36 @@ def test_imagenet_normalisation_layouts_and_bgr() -> None:
         PRESETS["imagenet"].std
     )
     assert x.shape == (1, 3, 2, 3)
-    np.testing.assert_allclose(x[0, :, 1, 2], expected, rtol=1e-6)
+    # float32 rounding of values up to about 2.6: absolute, as (128/255 - 0.456) / 0.224 = 0.205 cancels
+    np.testing.assert_allclose(x[0, :, 1, 2], expected, rtol=0, atol=1e-6)
     nhwc = to_tensor([img], InputSpec("input", "nhwc", 3, (2, 3)), PRESETS["unit"])
     np.testing.assert_allclose(nhwc[0, 0, 0], [1.0, 128 / 255, 0.0], rtol=1e-6)
     bgr = to_tensor([img], InputSpec("input", "nhwc", 3, (2, 3)), Preprocess((0, 0, 0), (1, 1, 1), bgr=True))
     np.testing.assert_allclose(bgr[0, 0, 0], [0.0, 128 / 255, 1.0], rtol=1e-6)
     raw = to_tensor([img], spec, PRESETS["none"])
     np.testing.assert_allclose(raw[0, :, 0, 0], [255, 128, 0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("channels,bgr", [(3, False), (3, True), (1, False)])
+def test_fused_normalisation_matches_the_float64_formula(layout: str, channels: int, bgr: bool) -> None:
+    """The one multiply-add per channel against (resized / 255 - mean) / std in float64, on a photo-sized image."""
+    rs = np.random.RandomState(3)
+    img = Image.fromarray(rs.randint(0, 256, (375, 500, 3), np.uint8))
+    pre = Preprocess((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), bgr=bgr)
+    images = [img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    x = to_tensor(images, InputSpec("x", layout, channels, (96, 128)), pre)
+    for i, source in enumerate(images):
+        resized = np.asarray(source.resize((128, 96), Image.Resampling.BILINEAR), np.float64) / 255.0
+        resized = resized[..., ::-1] if bgr else resized
+        mean, std = np.asarray(pre.mean), np.asarray(pre.std)
+        if channels == 1:
+            expected = ((resized.mean(axis=2) - mean.mean()) / std.mean())[..., None]
+        else:
+            expected = (resized - mean) / std
+        got = x[i].transpose(1, 2, 0) if layout == "nchw" else x[i]
+        assert got.shape == expected.shape and x.dtype == np.float32 and x.flags["C_CONTIGUOUS"]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)  # float32 rounding of values up to 2.7
 
 
 def test_layout_detection_and_size_parsing() -> None:
