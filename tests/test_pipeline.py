@@ -202,6 +202,29 @@ def test_formats_no_overlay_and_no_raw(tmp_path: Path) -> None:
     assert entry["overlay"] is None and entry["raw_map"] is None and entry["class"] == entries[0]["class"]
 
 
+def test_an_input_named_as_an_output_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """-o the input folder itself, where an input already bears the name an output would take: a one-line
+    error, the input byte for byte as it was; a link there to an input is replaced, not followed."""
+    (first,) = make_images(tmp_path / "in", 1)
+    code, _, err = run("explain", str(DEMO), str(first), "-o", str(tmp_path / "once"), "--class", "0")
+    assert code == 0, err
+    (entry,) = json.loads((tmp_path / "once" / "predictions.json").read_text())
+    clash = tmp_path / "in" / str(entry["overlay"])  # img000.gradcam.c0.png: an input of the next run
+    Image.open(first).save(clash)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    # files named one by one are explained even inside -o (a folder or glob there would skip them)
+    code, _, err = run("explain", str(DEMO), str(first), str(clash), "-o", str(tmp_path / "in"), "--class", "0")
+    (error,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code != 0 and "refusing to overwrite the input image" in error and "choose another -o folder" in error
+    assert {name: (tmp_path / "in" / name).read_bytes() for name in before} == before  # the inputs, untouched
+
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / str(entry["overlay"])).symlink_to(first)
+    code, _, err = run("explain", str(DEMO), str(first), "-o", str(tmp_path / "linked"), "--class", "0")
+    assert code == 0, err
+    assert first.read_bytes() == before[first.name] and not (tmp_path / "linked" / str(entry["overlay"])).is_symlink()
+
+
 def test_parquet_holds_the_maps_and_predictions(tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     files = make_images(tmp_path / "in", 5)

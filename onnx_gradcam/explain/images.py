@@ -65,7 +65,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
-            img = ImageOps.exif_transpose(opened) or opened
+            img = opened
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that is not turned
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInputError(
             f"{str(path)!r} is not a readable image ({exc}): to fix this, pass JPEG, PNG, BMP, WebP or TIFF files"

@@ -346,8 +346,8 @@ def decoded_image(explainer: Explainer, file: str, name: str, image: Image.Image
 
 def atomic_write(path: Path, data: bytes, sources: frozenset[Path] | set[Path] = frozenset()) -> None:
     """Write through a hidden temporary file in the same folder, then rename: never a partial file."""
-    if sources and path.resolve() in sources:
-        raise BadInputError(f"refusing to overwrite the input image {path}: to fix this, choose another -o folder")
+    if sources:
+        _refuse_inputs(path.parent.resolve() / path.name, path, sources)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -360,10 +360,27 @@ def atomic_write(path: Path, data: bytes, sources: frozenset[Path] | set[Path] =
         ) from None
 
 
-def write_rendered(rendered: Rendered, folder: Path, sources: frozenset[Path] | set[Path] = frozenset()) -> None:
-    """Write one input's files into folder, each atomically."""
+def _refuse_inputs(real: Path, path: Path, sources: frozenset[Path] | set[Path]) -> None:
+    """real: path with its folder resolved. The rename replaces the folder's entry itself (a link there
+    is replaced, not followed), so only an input that is that very entry would be lost."""
+    if real in sources:
+        raise BadInputError(f"refusing to overwrite the input image {path}: to fix this, choose another -o folder")
+
+
+def write_rendered(
+    rendered: Rendered,
+    folder: Path,
+    sources: frozenset[Path] | set[Path] = frozenset(),
+    real_folder: Path | None = None,
+) -> None:
+    """Write one input's files into folder, each atomically. real_folder: folder.resolve(), given by a
+    caller that writes many inputs (resolving a path costs a system call per component: 5% of a folder
+    run's time when it was done for every file)."""
+    real = real_folder or (folder.resolve() if sources else folder)
     for name, data in rendered.files.items():
-        atomic_write(folder / name, data, sources)
+        if sources:
+            _refuse_inputs(real / name, folder / name, sources)
+        atomic_write(folder / name, data)
 
 
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
@@ -609,6 +626,7 @@ def explain_files(
     if output_format not in OUTPUT_FORMATS:
         raise BadInputError(f"unknown output format {output_format!r}: to fix this, use files or parquet")
     sources = frozenset(f.resolve() for f in files)
+    real_folder = folder.resolve()
     remove_stale_temporaries(folder)
     sink: FileSink | ParquetSink = (
         FileSink(folder, resume, run_settings(explainer, job, options))
@@ -636,7 +654,7 @@ def explain_files(
     def draw_and_write(item: Explained) -> Rendered:
         done = render(explainer, item, options)
         if output_format == "files":
-            write_rendered(done, folder, sources)
+            write_rendered(done, folder, sources, real_folder)
         return done
 
     def collect(limit: int) -> None:

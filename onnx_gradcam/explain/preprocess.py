@@ -110,7 +110,8 @@ def to_tensor(
     scale = (1.0 / (255.0 * std)).astype(np.float32)
     offset = (-mean / std).astype(np.float32)
     for i, img in enumerate(images):
-        arr = np.asarray(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))
+        rgb = img if img.mode == "RGB" else img.convert("RGB")  # convert() to its own mode copies
+        arr = np.asarray(rgb.resize((w, h), Image.Resampling.BILINEAR))
         if grey:
             out[i, 0] = (arr.mean(axis=2, dtype=np.float32) / 255.0 - mean.mean()) / std.mean()
             continue
