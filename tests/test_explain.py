@@ -198,6 +198,37 @@ def test_plain_model_is_prepared_in_memory(prepared: onnx.ModelProto) -> None:
     np.testing.assert_array_equal(plain.explain(x).maps, Explainer(prepared, device="cpu").explain(x).maps)
 
 
+def test_a_prepared_file_is_read_by_onnxruntime_itself_with_the_same_results(
+    prepared: onnx.ModelProto, tmp_path: Path
+) -> None:
+    """A prepared file goes to onnxruntime by path (no parse and re-serialisation in Python): the same
+    session inputs, metadata, outputs and model as from the proto; a file prepared before the class input
+    was recorded, and a plain file, still take the proto's way."""
+    path = tmp_path / "m.gradcam.onnx"
+    onnx.save(prepared, path)
+    x = np.random.RandomState(2).randn(3, 3, 8, 8).astype(np.float32)
+    by_path, by_proto = Explainer(path, device="cpu"), Explainer(onnx.load(path), device="cpu")
+    assert by_path._model is None and not by_path.prepared_in_memory  # the proto is not read ...
+    assert by_path.metadata == by_proto.metadata and by_path.class_input == by_proto.class_input
+    assert by_path.output_names == by_proto.output_names and by_path.num_classes == by_proto.num_classes
+    for target in (None, 1):
+        a, b = by_path.explain(x, target), by_proto.explain(x, target)
+        np.testing.assert_array_equal(a.maps, b.maps)
+        np.testing.assert_array_equal(a.logits, b.logits)
+    assert by_path.model.SerializeToString() == by_proto.model.SerializeToString()  # ... until it is asked
+
+    older = onnx.load(path)
+    kept = [p for p in older.metadata_props if p.key != "gradcam.class_input"]
+    del older.metadata_props[:]
+    older.metadata_props.extend(kept)
+    onnx.save(older, tmp_path / "older.gradcam.onnx")
+    old = Explainer(tmp_path / "older.gradcam.onnx", device="cpu")
+    assert old._model is not None and old.class_input == by_proto.class_input
+    np.testing.assert_array_equal(old.explain(x).maps, by_proto.explain(x).maps)
+    onnx.save(handmade(), tmp_path / "plain.onnx")
+    assert Explainer(tmp_path / "plain.onnx", device="cpu").prepared_in_memory
+
+
 def test_explainer_is_thread_safe(prepared: onnx.ModelProto) -> None:
     exp = Explainer(prepared, device="cpu", batch_size=3)
     inputs = [np.random.RandomState(i).randn(4, 3, 8, 8).astype(np.float32) for i in range(8)]
