@@ -249,6 +249,7 @@ def main() -> None:
     p.add_argument("--folder", action="store_true", help="the folder pipeline's measurement (issue 15)")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--rss-images", type=int, default=5000)
+    p.add_argument("--cli-rounds", type=int, default=3, help="--folder: rounds of the commands in turn; medians")
     p.add_argument("--render-costs", action="store_true", help="only the per-image costs around the model")
     p.add_argument("--before-src", type=Path, default=None, help="checkout whose CLI is 'before' (e.g. main)")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "MODEL", "BATCH"), help=argparse.SUPPRESS)
@@ -497,25 +498,25 @@ def folder_table(args: argparse.Namespace) -> None:
         prepared = args.workdir / f"{model}.gradcam.onnx"
         worker_args = ["--worker", "b", model, "8", "--threads", str(args.threads), "--runs", str(args.runs)]
         model_runs = [8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000)]
-        out = outs
-        runs = {}
+        variants = [("after png", ROOT, ["--format", "png"]), ("after jpg", ROOT, ["--format", "jpg"])]
         if args.before_src is not None:
-            runs["before png"] = _cli_run(args.before_src, prepared, images, out, args.threads, [])
-        runs["after png"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "png"])
-        runs["after jpg"] = _cli_run(ROOT, prepared, images, out, args.threads, ["--format", "jpg"])
-        # the model again after the commands: on a shared machine the load drifts; the mean of both is the reference
-        model_runs.append(8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000))
-        model_ips = statistics.mean(model_runs)
-        for name, r in runs.items():
-            print(
-                f"{model} {name}: {r['ips']:.1f} images/s (model {model_ips:.1f}), {r['rss_mb']:.0f} MB",
-                file=sys.stderr,
-            )
+            variants.insert(0, ("before png", args.before_src, []))
+        measured: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
+        for _ in range(args.cli_rounds):  # the commands take turns, then the model again: drifts hit all
+            for name, src, extra in variants:
+                measured[name].append(_cli_run(src, prepared, images, outs, args.threads, extra))
+            model_runs.append(8 / (_spawn([*worker_args, "--workdir", str(args.workdir)])["median"] / 1000))
+        # the reference: the median of the model's measurements around the rounds; each command's median
+        model_ips = statistics.median(model_runs)
+        runs = {
+            name: {"ips": statistics.median(r["ips"] for r in rs), "rss_mb": max(r["rss_mb"] for r in rs)}
+            for name, rs in measured.items()
+        }
+        for name, rs in measured.items():
+            shown = ", ".join(f"{r['ips']:.1f}" for r in rs)
+            print(f"{model} {name}: {shown} images/s (model {model_ips:.1f})", file=sys.stderr)
         rows.append((model, model_ips, runs))
-        print(
-            f"{model}: model batch 8 before/after the commands {model_runs[0]:.1f} / {model_runs[1]:.1f}",
-            file=sys.stderr,
-        )
+        print(f"{model}: model batch 8 {', '.join(f'{v:.1f}' for v in model_runs)}", file=sys.stderr)
     rss = {}
     if args.rss_images:
         cheap = args.workdir / "mobilenet_v3_large.gradcam.onnx"
@@ -531,8 +532,9 @@ def folder_table(args: argparse.Namespace) -> None:
         f"Python {platform.python_version()}, onnxruntime {_ort_version()}",
         "",
         f"Whole `explain` command (start-up included) on {args.images} JPEGs of 500x375, --batch-size 8, against "
-        "the prepared model's batch-8 images/s (fresh process, random input, as (b); the mean of one measurement "
-        "before and one after the commands); peak RSS of the command.",
+        "the prepared model's batch-8 images/s (fresh process, random input, as (b)); the commands take turns for "
+        f"{args.cli_rounds} rounds, the model measured before the first and after each: medians of both, and the "
+        "peak RSS of the command.",
         "",
         "| model | model batch 8 (images/s) | CLI | images/s | CLI / model | peak RSS (MB) |",
         "|---|---|---|---|---|---|",
