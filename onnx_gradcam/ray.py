@@ -32,6 +32,7 @@ from .explain.pipeline import (
     explain_and_render,
     remove_stale_temporaries,
     run_settings,
+    unique_stems,
     write_rendered,
 )
 
@@ -262,14 +263,9 @@ def _list_uri(uri: str, known: Any) -> tuple[Any, list[str]]:
 
 
 def output_names(files: Sequence[str]) -> list[str]:
-    """File stems, made unique in order, as the CLI names outputs (sub/cat.jpg, cat.png -> cat, cat-2)."""
-    names: list[str] = []
-    used: dict[str, int] = {}
-    for f in files:
-        stem = PurePosixPath(f.replace("\\", "/")).stem
-        used[stem] = used.get(stem, 0) + 1
-        names.append(stem if used[stem] == 1 else f"{stem}-{used[stem]}")
-    return names
+    """File stems, made unique in order, as the CLI names outputs (sub/cat.jpg, cat.png -> cat, cat-2);
+    paths and URIs alike, with / or \\ between folders."""
+    return unique_stems([PurePosixPath(f.replace("\\", "/")).stem for f in files])
 
 
 class ExplainToFiles(ExplainBatch):

@@ -18,6 +18,7 @@ from ..surgery.load import load_model
 from ..surgery.prepare import META_PREFIX, PRESETS, Preprocess, prepare_model, read_metadata
 from .images import load_image
 from .overlay import overlay
+from .png import encode_png
 from .preprocess import InputSpec, to_tensor
 from .session import create_session, run_session
 from .verify import verify_prepared
@@ -100,8 +101,9 @@ def _value_info(graph: onnx.GraphProto, name: str) -> onnx.ValueInfoProto:
 
 
 def _atomic_png(path: Path, image: Image.Image) -> Path:
+    """The fast lossless encoder of the folder run (explain/png.py), through a temporary name."""
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    tmp.write_bytes(encode_png(image))
     os.replace(tmp, path)
     return path
 

@@ -385,13 +385,16 @@ def write_rendered(
 
 def output_names(files: Sequence[Path]) -> dict[Path, str]:
     """File stems, made unique (sub/cat.jpg and cat.png -> 'cat', 'cat-2')."""
-    names: dict[Path, str] = {}
+    return dict(zip(files, unique_stems([f.stem for f in files])))
+
+
+def unique_stems(stems: Sequence[str]) -> list[str]:
+    """Stems made unique in order: a stem's second use gets '-2', its third '-3', ..."""
+    names: list[str] = []
     used: dict[str, int] = {}
-    for f in files:
-        stem = f.stem
-        n = used.get(stem, 0) + 1
-        used[stem] = n
-        names[f] = stem if n == 1 else f"{stem}-{n}"
+    for stem in stems:
+        used[stem] = used.get(stem, 0) + 1
+        names.append(stem if used[stem] == 1 else f"{stem}-{used[stem]}")
     return names
 
 
