@@ -14,7 +14,7 @@ from .errors import OnnxGradCamError
 if TYPE_CHECKING:
     from .api import Explainer
     from .explain.pipeline import Job, Reader, RenderOptions
-    from .surgery.prepare import Preprocess
+    from .surgery.metadata import Preprocess
 
 # The option choices, spelled out so that --help imports neither numpy nor onnx; tests/test_pipeline.py
 # checks them against the tables they name (COLORMAPS, RESAMPLE, METHODS, CLASS_INPUTS, PRESETS, CHOICES).
@@ -521,8 +521,7 @@ def explain_cmd(
     and get a PNG of the ids (bytes in hex and as characters) with the map beneath them.
     Models prepared with --target seed explain --class over --region, or a detection --box-index.
     """
-    from .api import Explainer
-    from .explain.explainer import read_labels
+    from .explain.explainer import Explainer, read_labels
     from .explain.images import collect_inputs
     from .explain.pipeline import Job, Reader, RenderOptions, SeedSpec, explain_files
     from .explain.preprocess import parse_size
@@ -700,7 +699,7 @@ def _make_dir(folder: Path) -> None:
 
 
 def _preprocess_from_flags(preset: str | None, mean: str | None, std: str | None, bgr: bool) -> Preprocess | None:
-    from .surgery.prepare import PRESETS, Preprocess
+    from .surgery.metadata import PRESETS, Preprocess
 
     if (mean is None) != (std is None):
         raise _Failure(

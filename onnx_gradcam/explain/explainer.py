@@ -15,13 +15,12 @@ from PIL import Image
 from .._version import __version__
 from ..errors import BadInputError
 from ..surgery.load import load_model
-from ..surgery.prepare import META_PREFIX, PRESETS, Preprocess, prepare_model, read_metadata
+from ..surgery.metadata import META_PREFIX, PRESETS, Preprocess, read_metadata
 from .images import load_image
 from .overlay import overlay
 from .png import encode_png
 from .preprocess import InputSpec, to_tensor
 from .session import create_session, run_session
-from .verify import verify_prepared
 
 Target = int | str | Sequence[int | str] | None
 ImageLike = str | os.PathLike[str] | Image.Image
@@ -168,6 +167,10 @@ class Explainer:
             meta = read_metadata(proto)
             self.prepared_in_memory = "method" not in meta
             if self.prepared_in_memory:
+                # the gradient engine, loaded only here: running a prepared file does not need it
+                from ..surgery.prepare import prepare_model
+                from .verify import verify_prepared
+
                 source = proto
                 proto, report = prepare_model(source)
                 if verify:

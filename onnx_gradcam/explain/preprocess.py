@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadInputError
-from ..surgery.prepare import Preprocess
+from ..surgery.metadata import Preprocess
 
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
